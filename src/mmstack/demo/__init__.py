@@ -1,0 +1,1 @@
+"""The demo pipeline: stages with cached results and an HTML report."""

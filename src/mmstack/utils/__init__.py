@@ -1,0 +1,1 @@
+"""Small leaf helpers shared by every layer: atomic writes, progress, seeding."""
