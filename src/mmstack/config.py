@@ -23,6 +23,15 @@ from mmstack.errors import ConfigError
 T = TypeVar("T")
 
 
+def configs_dir() -> Path:
+    """The folder of shipped YAML recipes: ``configs/`` in a checkout, ``mmstack/configs`` in a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parents[1] / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("the configs/ folder of mmstack was not found; reinstall mmstack")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or bad YAML raises ``ConfigError`` naming the file."""
     path = Path(path)
