@@ -13,7 +13,10 @@ from typing import Any
 
 from mmstack.errors import ModelError
 
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "two_tower": "mmstack.models.two_tower:TwoTowerModel",
+    "bridge": "mmstack.models.bridge:BridgeModel",
+}
 
 
 def read_family(path: str | Path) -> str:
