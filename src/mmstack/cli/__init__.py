@@ -7,7 +7,8 @@ import sys
 
 import typer
 
-from mmstack.cli import data, demo, world
+from mmstack.cli import ask, chat, data, demo, index, search, serve, train, world
+from mmstack.cli import eval as eval_cli
 from mmstack.errors import MmstackError
 from mmstack.utils.progress import console
 
@@ -20,7 +21,14 @@ app = typer.Typer(
 )
 app.add_typer(world.app, name="world")
 app.add_typer(data.app, name="data")
+app.add_typer(index.app, name="index")
+app.add_typer(train.app, name="train")
+app.add_typer(eval_cli.app, name="eval")
 app.command("demo")(demo.demo)
+app.command("search")(search.search)
+app.command("serve")(serve.serve)
+app.command("chat")(chat.chat)
+app.command("ask")(ask.ask)
 
 
 def _print_version(value: bool) -> None:

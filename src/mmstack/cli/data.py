@@ -70,3 +70,33 @@ def convert(
         "read_with": brace_pattern(written) if dst_format == "webdataset" else str(written[0]),
     }
     emit(result, as_json)
+
+
+@app.command()
+def clean(
+    src: str = typer.Option(..., "--in", help="Pairs source to clean (only read, never changed)."),
+    out: Path = typer.Option(..., "--out", help="Folder for kept.jsonl, rejected.jsonl and summary.json."),
+    model: str = typer.Option(None, "--model", help="Two-tower checkpoint for the score and duplicate filters."),
+    min_score: float = typer.Option(
+        None, "--min-score", help="Lowest image-text cosine kept (default 0.2 with a model)."
+    ),
+    dedup_threshold: float = typer.Option(
+        None, "--dedup-threshold", help="Image cosine at which a later image is a near-duplicate (default 0.98)."
+    ),
+    min_caption_words: int = typer.Option(3, "--min-caption-words", help="Fewest words a caption may have."),
+    min_size: int = typer.Option(16, "--min-size", help="Shortest image side in pixels."),
+    max_aspect: float = typer.Option(3.0, "--max-aspect", help="Largest long-side / short-side ratio."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images scored per forward pass."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Filter pairs by caption length, image size and aspect, model score and near-duplicates."""
+    from mmstack.data.clean import CleanConfig, clean_pairs
+
+    cfg = CleanConfig(min_caption_words, min_size, max_aspect, min_score, dedup_threshold, batch_size)
+    two_tower = None
+    if model is not None:
+        from mmstack.models.two_tower import TwoTowerModel
+
+        two_tower = TwoTowerModel.from_pretrained(model)
+    result = clean_pairs(src, out, cfg, two_tower)
+    emit(result, as_json)

@@ -55,10 +55,26 @@ class Stage:
 
 
 def _stages() -> list[Stage]:
-    from mmstack.demo import world_stage
+    from mmstack.demo import (
+        align_stage,
+        clip_stage,
+        index_stage,
+        native_stage,
+        rag_stage,
+        serve_stage,
+        vlm_stage,
+        world_stage,
+    )
 
     return [
         Stage("world", "The shapes world", world_stage.run),
+        Stage("clip", "Two-tower (CLIP) model", clip_stage.run, needs=("world",)),
+        Stage("index", "Collections: index and search", index_stage.run, needs=("world", "clip")),
+        Stage("vlm", "Bridge VLM (LLaVA-style)", vlm_stage.run, needs=("world", "clip")),
+        Stage("native", "Native model (VQ tokens + one decoder)", native_stage.run, needs=("world",)),
+        Stage("align", "Preference alignment (reward model, DPO)", align_stage.run, needs=("world", "vlm")),
+        Stage("rag", "Multimodal RAG with citations", rag_stage.run, needs=("clip", "vlm")),
+        Stage("serve", "Serving", serve_stage.run, needs=("clip", "index", "vlm", "native")),
     ]
 
 

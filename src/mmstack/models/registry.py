@@ -16,6 +16,9 @@ from mmstack.errors import ModelError
 FAMILIES: dict[str, str] = {
     "two_tower": "mmstack.models.two_tower:TwoTowerModel",
     "bridge": "mmstack.models.bridge:BridgeModel",
+    "reward": "mmstack.models.reward:RewardModel",
+    "vq": "mmstack.models.vq:VQModel",
+    "native": "mmstack.models.native:NativeModel",
 }
 
 

@@ -13,6 +13,8 @@ from mmstack.world.language import PromptObject, captions_for, describe_prompt
 from mmstack.world.parser import ParsedObject, parse_image
 from mmstack.world.preferences import REJECTIONS, PreferencePair, preference_pairs_for
 from mmstack.world.questions import KINDS, Question, questions_for
+from mmstack.world.rag_world import generate_rag_world as generate_rag_world
+from mmstack.world.rag_world import sample_rag_world as sample_rag_world
 from mmstack.world.render import render_scene
 from mmstack.world.scene import Scene, WorldObject, relation_holds, sample_scene, sample_scenes
 from mmstack.world.sheet import contact_sheet

@@ -1,0 +1,75 @@
+"""``mmstack train``: training recipes (``clip`` now; the bridge, native and alignment recipes later).
+
+Extra arguments are dotted config overrides, ``--train.lr 1e-3`` or ``train.lr=1e-3``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mmstack.cli._common import JSON_OPTION, emit
+
+app = typer.Typer(help="Train models (recipes fill typed configs from configs/*.yaml).", no_args_is_help=True)
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("clip", context_settings=OVERRIDES)
+def clip(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help="Recipe YAML, e.g. configs/clip-demo.yaml."),
+    data: Path = typer.Option(..., "--data", help="Training pairs: a folder with pairs.jsonl, .jsonl/.csv, tars."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (run files are kept inside)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Override train.max_steps."),
+    val: Path = typer.Option(None, "--val", help="Pairs to evaluate retrieval on after training."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's train_state if present."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Train a two-tower model (CLIP / SigLIP / SimCLR) and save it as a checkpoint folder.
+
+    Example: mmstack train clip --config configs/clip-demo.yaml --data world/train --out models/clip --train.lr 2e-3
+    """
+    _sleeping_openmp_threads()
+    from mmstack.config import load_config, merge, parse_overrides
+    from mmstack.train.clip import ClipRecipeConfig, train_clip
+
+    overrides = parse_overrides(list(ctx.args))
+    if max_steps is not None:
+        overrides = merge(overrides, {"train": {"max_steps": max_steps}})
+    cfg = load_config(ClipRecipeConfig, _config_path(config), overrides=overrides)
+    result = train_clip(cfg, data, out, val=val, resume=resume)
+    emit(result.as_dict(), as_json)
+
+
+def _sleeping_openmp_threads() -> None:
+    """Let idle OpenMP workers sleep instead of spin (read when torch loads, so set before importing it).
+
+    On a small shared machine spinning workers stall each other: a tiny CLIP step measured 17 ms with one
+    thread and 1.3 s with two spinning threads while other jobs ran; with sleeping workers, 47 ms.
+    """
+    import os
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _config_path(path: Path) -> Path:
+    """A config path as given, or the name of a shipped recipe (``clip-demo`` / ``clip-demo.yaml``)."""
+    from mmstack.config import configs_dir
+
+    if path.exists():
+        return path
+    shipped = configs_dir() / (path.name if path.suffix else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
+from mmstack.cli.train_llava import train_llava as _train_llava  # noqa: E402  (the bridge VLM recipe)
+
+app.command("llava", context_settings=OVERRIDES)(_train_llava)
+
+from mmstack.cli.train_align import register as _register_align  # noqa: E402  (train reward, dpo, ppo)
+
+_register_align(app)

@@ -1,0 +1,137 @@
+"""Connectors: map a vision encoder's tokens into a language model's embedding space.
+
+- ``MlpProjector``: LLaVA-1.5's two-layer MLP with GELU, one output token per visual token. Its parameter
+  names (``linear_1``, ``linear_2``) are those of HF ``LlavaMultiModalProjector``, so weights move between
+  the two unchanged.
+- ``PerceiverResampler``: Flamingo's resampler. ``M`` learned queries cross-attend to the ``N`` visual
+  tokens (and to themselves) for a few layers, so any number of visual tokens is compressed to ``M``.
+  The language model's sequence, and with it prefill cost, no longer grows with the image resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmstack.errors import ConfigError
+
+
+@dataclass
+class ConnectorConfig:
+    """Which connector joins vision and language, and its size.
+
+    Args:
+        type: ``"mlp"`` (LLaVA, one token per visual token) or ``"resampler"`` (Perceiver, ``num_queries`` out).
+        num_queries: tokens the resampler outputs per image view.
+        depth, heads, width: resampler layers, attention heads, and inner width (0: the vision width).
+        act: the MLP's activation (``"gelu"``, as LLaVA).
+        bias: biases in the MLP's linear layers (HF ``multimodal_projector_bias``).
+    """
+
+    type: Literal["mlp", "resampler"] = "mlp"
+    num_queries: int = 16
+    depth: int = 2
+    heads: int = 4
+    width: int = 0
+    act: str = "gelu"
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in ("mlp", "resampler"):
+            raise ConfigError(f"connector.type must be 'mlp' or 'resampler', got {self.type!r}")
+        for name in ("num_queries", "depth", "heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"connector.{name} must be > 0, got {getattr(self, name)}")
+        if self.width < 0:
+            raise ConfigError(f"connector.width must be >= 0 (0 = the vision width), got {self.width}")
+        if self.width and self.width % self.heads:
+            raise ConfigError(f"connector.width={self.width} must be divisible by connector.heads={self.heads}")
+        if self.act not in _ACTS:
+            raise ConfigError(f"connector.act must be one of {sorted(_ACTS)}, got {self.act!r}")
+
+
+_ACTS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class MlpProjector(nn.Module):
+    """LLaVA-1.5's projector: ``linear_2(gelu(linear_1(x)))``, (B, N, D_vision) -> (B, N, D_text)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, act: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        self.act = _ACTS[act]()
+        self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+
+    def num_tokens(self, n_visual: int) -> int:
+        """Output tokens for ``n_visual`` input tokens (one each)."""
+        return n_visual
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class _CrossAttentionBlock(nn.Module):
+    """Queries attend to [visual tokens; queries] (Flamingo), then a feed-forward layer; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_query = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, queries: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        b, m, d = queries.shape
+        q_in = self.norm_query(queries)
+        # Keys include the queries themselves so a query can keep what it has gathered (Flamingo's choice).
+        context = torch.cat([self.norm_media(media), q_in], dim=1)  # (B, N + M, D)
+        q = self.q(q_in).view(b, m, self.heads, -1).transpose(1, 2)  # (B, H, M, d)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, N+M, d)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, m, d)  # (B, M, D)
+        queries = queries + self.out(attended)
+        return queries + self.ff(queries)
+
+
+class PerceiverResampler(nn.Module):
+    """Compress N visual tokens to ``num_queries`` tokens: (B, N, D_vision) -> (B, M, D_text).
+
+    Visual tokens are first projected to the resampler width; ``M`` learned queries then run ``depth``
+    cross-attention blocks over them; a final norm and linear layer map to the language model's width.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, num_queries: int, depth: int, heads: int, width: int = 0):
+        super().__init__()
+        width = width or vision_dim
+        if width % heads:
+            raise ConfigError(f"resampler width {width} must be divisible by connector.heads={heads}")
+        self.num_queries = num_queries
+        self.proj_in = nn.Linear(vision_dim, width)
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
+        self.blocks = nn.ModuleList(_CrossAttentionBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, text_dim)
+
+    def num_tokens(self, n_visual: int) -> int:
+        """Output tokens for any number of input tokens: always ``num_queries``."""
+        return self.num_queries
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        media = self.proj_in(features)  # (B, N, W)
+        x = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)  # (B, M, W)
+        for block in self.blocks:
+            x = block(x, media)
+        return self.proj_out(self.norm(x))  # (B, M, D_text)
+
+
+def build_connector(cfg: ConnectorConfig, vision_dim: int, text_dim: int) -> MlpProjector | PerceiverResampler:
+    """The connector named by ``cfg`` between widths ``vision_dim`` and ``text_dim``."""
+    if cfg.type == "mlp":
+        return MlpProjector(vision_dim, text_dim, cfg.act, cfg.bias)
+    return PerceiverResampler(vision_dim, text_dim, cfg.num_queries, cfg.depth, cfg.heads, cfg.width)

@@ -1,0 +1,217 @@
+"""The multimodal reward model: the bridge VLM with a scalar head (LLaVA-RLHF, TRL's reward modelling).
+
+    image + prompt + answer -> BridgeModel (vision tower, connector, decoder) -> hidden states (B, T, D)
+    -> linear head -> a score per position (B, T); the reward is the score of the last non-padding token
+
+The same class serves as PPO's value model (TRL initialises the critic from the reward model): its
+per-position scores are the values. It is built from a trained bridge checkpoint (``from_bridge``), so it
+starts out seeing images as well as the VLM does; the LM's next-token head is unused, and frozen when it
+is not tied to the input embeddings (so every trainable parameter gets a gradient).
+
+Checkpoints are folders like the bridge's: ``config.json`` (family ``reward``, the bridge config),
+``model.safetensors``, the bridge processor and a model card; ``mmstack.load(path)`` returns a ``RewardModel``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmstack.config import from_dict, to_dict
+from mmstack.errors import ModelError
+from mmstack.models.bridge import (
+    BridgeConfig,
+    BridgeModel,
+    PixelInput,
+    _quiet_transformers,
+    count_parameters,
+    lm_parts,
+    positions_from_mask,
+)
+from mmstack.utils.atomic import atomic_dir
+
+FAMILY = "reward"
+
+
+@dataclass
+class RewardOutput:
+    """``rewards`` (B,): the score at each row's last real token; ``values`` (B, T): the score at every position."""
+
+    rewards: torch.Tensor
+    values: torch.Tensor
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (works for left, right and no padding): (B, T) -> (B,)."""
+    t = attention_mask.shape[1]
+    return (t - 1) - attention_mask.flip(-1).long().argmax(-1)
+
+
+class RewardModel(nn.Module):
+    """A bridge VLM whose output is a scalar per position instead of next-token logits.
+
+    Args:
+        vlm: the bridge model (its ``processor`` is used to encode inputs and is saved with the weights).
+    """
+
+    def __init__(self, vlm: BridgeModel) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.score = nn.Linear(vlm.text_dim, 1)
+        # A small head keeps the initial rewards near zero, so early Bradley-Terry gradients are balanced.
+        nn.init.normal_(self.score.weight, std=1.0 / (vlm.text_dim + 1) ** 0.5)
+        nn.init.zeros_(self.score.bias)
+        _, embed, head = lm_parts(vlm.language_model)
+        if head is not None and head.weight is not embed.weight:
+            head.weight.requires_grad_(False)
+
+    @classmethod
+    def from_bridge(cls, path_or_model: str | Path | BridgeModel) -> RewardModel:
+        """A reward model on top of a trained bridge VLM (a checkpoint folder or a model); the head is new."""
+        vlm = path_or_model if isinstance(path_or_model, BridgeModel) else BridgeModel.from_pretrained(path_or_model)
+        return cls(vlm)
+
+    @property
+    def processor(self) -> Any:
+        return self.vlm.processor
+
+    @property
+    def config(self) -> BridgeConfig:
+        return self.vlm.config
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: PixelInput = None,
+        video_values: PixelInput = None,
+    ) -> torch.Tensor:
+        """The decoder's last hidden states with the visual tokens in place: (B, T, D)."""
+        embeds = self.vlm.embed(input_ids, pixel_values, video_values)
+        decoder, _, _ = lm_parts(self.vlm.language_model)
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: PixelInput = None,
+        video_values: PixelInput = None,
+        **_: Any,
+    ) -> RewardOutput:
+        """Scores of a batch (padding on either side). Extra keys of a processor batch (labels) are ignored."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, video_values)
+        values = self.score(hidden).squeeze(-1).float()  # (B, T)
+        rows = torch.arange(values.shape[0], device=values.device)
+        return RewardOutput(rewards=values[rows, last_token_index(attention_mask)], values=values)
+
+    @torch.inference_mode()
+    def score_texts(self, prompts: list[str], answers: list[str], images: list[Any] | None = None) -> torch.Tensor:
+        """Rewards (N,) of ``answers`` to ``prompts`` about ``images`` (PIL images or None), in one batch."""
+        proc = self.processor
+        if proc is None:
+            raise ModelError("this reward model has no processor attached; load it from a checkpoint folder")
+        images = images or [None] * len(prompts)
+        convs = [
+            [{"from": "human", "value": _with_image(p, img is not None)}, {"from": "gpt", "value": a}]
+            for p, a, img in zip(prompts, answers, images, strict=True)
+        ]
+        batch = proc(convs, images=images, padding_side="right", train=False)
+        return self(**batch).rewards
+
+    # ---------------------------------------------------------------------------------- save/load
+
+    def save_pretrained(self, path: str | Path, card: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` (family ``reward``), ``model.safetensors``, the processor and a model card."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        if hasattr(self.vlm.language_model, "get_base_model"):
+            raise ModelError("merge the LoRA adapters (merge_lora) before saving the reward model")
+        with atomic_dir(path) as tmp:
+            cfg = {"family": FAMILY, "bridge": to_dict(self.vlm.config)}
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            save_model(self, str(tmp / "model.safetensors"))
+            if self.processor is not None:
+                self.processor.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(self, card or {}))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **_: Any) -> RewardModel:
+        """Load a reward checkpoint folder written by ``save_pretrained``."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        raw = _read_config(path)
+        if raw.get("family") != FAMILY:
+            raise ModelError(
+                f"{path} holds a {raw.get('family')!r} checkpoint, not a reward model; "
+                "train one with `mmstack train reward`"
+            )
+        cfg = from_dict(BridgeConfig, raw.get("bridge"), where=f"{path / 'config.json'}: bridge")
+        with _quiet_transformers():
+            model = cls(BridgeModel(cfg))
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise ModelError(f"{path} has no model.safetensors; the checkpoint is incomplete")
+        missing, unexpected = load_model(model, str(weights), strict=False)
+        if missing or unexpected:
+            raise ModelError(
+                f"{weights} does not match its config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        if (path / "bridge_processor.json").is_file():
+            from mmstack.processing.bridge_processor import BridgeProcessor
+
+            model.vlm.processor = BridgeProcessor.from_pretrained(path)
+        return model.eval()
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _with_image(prompt: str, has_image: bool) -> str:
+    """The prompt as the processor's generation template writes it (``<image>`` line first)."""
+    return f"<image>\n{prompt}" if has_image and "<image>" not in prompt else prompt
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{path} has no config.json: pass a reward checkpoint folder (mmstack train reward --out)")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{cfg_path} is not valid JSON ({err}); the checkpoint is damaged") from None
+
+
+def model_card(model: RewardModel, card: dict[str, Any]) -> str:
+    """A short README: what the model scores, its size, how it was trained and its eval numbers."""
+    lines = [
+        "# mmstack multimodal reward model",
+        "",
+        "A bridge VLM with a scalar head on the last non-padding token, trained with the Bradley-Terry loss",
+        "on preference pairs (image, prompt, chosen, rejected).",
+        "",
+        f"- language model: `{model.config.text.get('model_type')}` (hidden {model.vlm.text_dim})",
+        f"- parameters: {count_parameters(model):,}",
+        "",
+        "Load with `mmstack.load(path)`; score pairs with `mmstack eval reward --model PATH --data DIR`.",
+    ]
+    for title, key in (("Training", "training"), ("Evaluation", "eval")):
+        if card.get(key):
+            lines += ["", f"## {title}", "", "```json", json.dumps(card[key], indent=2, default=str), "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,188 @@
+"""RAG adaptation of a bridge VLM: teach a trained checkpoint the RAG prompt (numbered snippets with one image
+each, answers that cite ``[n]``) on conversations from ``mmstack.rag.training_data``.
+
+    summary = tune_for_rag("runs/vlm/stage2/model", "runs/vlm-rag", RagTuneConfig())
+
+A world-trained VLM has a word-level vocabulary without the knowledge base's words ("exhibit", "hall",
+"[", numbers ...): those are added to its tokenizer as whole words and the LM's embeddings grow to match
+(new rows start at the mean embedding). Training uses the shared trainer and the llava recipe's task
+(next-token loss on the answer only); the vision tower stays frozen by default. The result is a normal
+bridge checkpoint (``BridgeModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmstack.config import to_dict
+from mmstack.errors import ConfigError
+from mmstack.processing.bridge_processor import IMAGE_TOKEN, VIDEO_TOKEN
+from mmstack.rag.training_data import RagExample, RagTrainingSet, build_training_set, world_vocabulary
+from mmstack.train.trainer import TrainConfig
+from mmstack.utils.progress import console
+
+_PUNCT_ONLY = re.compile(r"^\W+$")
+
+
+@dataclass
+class RagTuneConfig:
+    """What ``tune_for_rag`` trains on and how.
+
+    Args:
+        n_examples: training conversations (fresh knowledge bases from ``seed``).
+        seed: data seed; keep it apart from the evaluation seeds.
+        context_k: sources per prompt (match the pipeline's ``context_k``).
+        p_first: how often the right record is source [1] (a good retriever puts it first).
+        train_vision: also train the vision tower (slower; usually not needed).
+        train: optimiser settings for the shared trainer.
+    """
+
+    n_examples: int = 4000
+    seed: int = 1000
+    context_k: int = 3
+    p_first: float = 0.5
+    train_vision: bool = False
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-3, warmup_steps=20, max_steps=300, batch_size=16, weight_decay=0.0)
+    )
+
+    def __post_init__(self) -> None:
+        if self.n_examples < 1 or self.context_k < 1:
+            raise ConfigError("rag tune n_examples and context_k must be >= 1")
+        if not 0.0 <= self.p_first <= 1.0:
+            raise ConfigError(f"rag tune p_first must be in [0, 1]; got {self.p_first}")
+
+
+# ------------------------------------------------------------------------------------- vocabulary
+
+
+def unknown_words(tokenizer: Any, texts: list[str]) -> list[str]:
+    """Words of ``texts`` (as the tokenizer splits them) that it maps to its unknown token, in first-seen order."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    backend = tokenizer.backend_tokenizer
+    seen: dict[str, None] = {}
+    for text in texts:
+        text = text.replace(IMAGE_TOKEN, " ").replace(VIDEO_TOKEN, " ")
+        norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(norm):
+            if word not in seen and tokenizer.convert_tokens_to_ids(word) == unk:
+                seen[word] = None
+    return list(seen)
+
+
+def extend_vocabulary(model: Any, texts: list[str]) -> list[str]:
+    """Add the words of ``texts`` that the model's tokenizer does not know; grow the LM embeddings to match.
+
+    Words are added whole (a number never matches inside a longer number); punctuation may touch its
+    neighbours ("[2]"). Returns the added words.
+    """
+    from tokenizers import AddedToken
+
+    tok = model.processor.tokenizer
+    words = unknown_words(tok, texts)
+    if not words:
+        return []
+    tok.add_tokens([AddedToken(w, single_word=not _PUNCT_ONLY.match(w), normalized=True) for w in words])
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # new rows start at the mean embedding; transformers logs that at length
+    try:
+        model.language_model.resize_token_embeddings(len(tok), mean_resizing=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.text["vocab_size"] = len(tok)  # so from_pretrained rebuilds the grown LM
+    return words
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+
+class RagBatches:
+    """A ``BatchSource`` of RAG conversations: tokenised once, pixels normalised once, several images each."""
+
+    def __init__(self, data: RagTrainingSet, proc: Any) -> None:
+        from mmstack.processing.image import normalize, stack_uint8, to_uint8
+
+        self.proc = proc
+        self.examples: list[RagExample] = data.examples
+        self.templates = [proc.encode_turns(ex.turns(), name=f"rag example {i}") for i, ex in enumerate(data.examples)]
+        cfg = proc.config.image
+        self.pixels = normalize(stack_uint8([to_uint8(img, cfg) for img in data.images]), cfg)  # (N, 3, H, W)
+        self.per_image = proc.tokens_per_view(*self.pixels.shape[-2:])
+        self.longest = max(len(t.input_ids) + t.n_images * (self.per_image - 1) for t in self.templates)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: torch.Tensor) -> dict[str, Any]:
+        rows, images = [], []
+        for i in indices.tolist():
+            ex, tpl = self.examples[i], self.templates[i]
+            rows.append(self.proc.expand(tpl, [self.per_image] * len(ex.images), train=True, name=f"rag example {i}"))
+            images.extend(ex.images)
+        batch: dict[str, Any] = self.proc.pad(rows, "right")
+        batch["pixel_values"] = self.pixels[images] if images else None  # (n_images, 3, H, W), placeholder order
+        batch["video_values"] = None
+        return batch
+
+
+# ------------------------------------------------------------------------------------------- tune
+
+
+def _fit_max_length(model: Any, longest: int) -> None:
+    """Raise the processor's training ``max_length`` to the longest RAG conversation (RAG prompts hold
+    several images, so they outgrow single-image limits); refuse when the LM has too few positions."""
+    proc_cfg = model.processor.config
+    limit = getattr(model.language_model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise ConfigError(
+            f"RAG conversations reach {longest} tokens but the LM has {limit} positions; lower context_k"
+        )
+    proc_cfg.max_length = max(proc_cfg.max_length, longest)
+
+
+def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = None) -> dict[str, Any]:
+    """Fine-tune the bridge checkpoint ``base`` on RAG conversations; save the result to ``out``/model."""
+    from mmstack.models.bridge import BridgeModel
+    from mmstack.train.llava import LlavaTask
+    from mmstack.train.trainer import Trainer
+    from mmstack.utils.seeding import seed_everything
+
+    cfg = cfg or RagTuneConfig()
+    out = Path(out)
+    t0 = time.perf_counter()
+    seed_everything(cfg.train.seed)
+    model = BridgeModel.from_pretrained(base).train()
+    data = build_training_set(cfg.n_examples, cfg.seed, cfg.context_k, p_first=cfg.p_first)
+    texts = world_vocabulary() + [t["value"] for ex in data.examples for t in ex.turns()]
+    added = extend_vocabulary(model, texts)
+    model.set_trainable(vision=cfg.train_vision, connector=True, language=True)
+    batches = RagBatches(data, model.processor)
+    _fit_max_length(model, batches.longest)
+    run_config = {"rag_tune": to_dict(cfg), "base": str(base)}
+    prepare_s = time.perf_counter() - t0
+    console.print(f"rag tune: {len(data.examples)} conversations, {len(data.images)} images, {len(added)} new words")
+    trainer = Trainer(LlavaTask(model, lr=cfg.train.lr), batches, cfg.train, out / "run", run_config=run_config)
+    with torch.enable_grad():  # a caller may have turned gradients off (inference CLIs do)
+        summary = trainer.fit()
+    model.eval()
+    result = {
+        "base": str(base),
+        "steps": summary.steps,
+        "train_s": round(summary.seconds, 2),
+        "prepare_s": round(prepare_s, 2),
+        "examples": len(data.examples),
+        "added_words": len(added),
+        "final_loss": summary.final_loss,
+    }
+    model.save_pretrained(out / "model", card={"training": {**run_config, "summary": result}})
+    return {**result, "model": str(out / "model")}

@@ -1,0 +1,82 @@
+"""Prometheus metrics for ``GET /metrics``: queue depth, batch sizes, latency by endpoint, rejections.
+
+Each app owns its registry (several apps in one process, as in tests, do not collide). Latency is
+measured by an ASGI middleware from the first byte of the request to the last byte of the response,
+so a streamed chat counts its whole stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServeMetrics:
+    """The server's metrics in their own registry; the batching engine reports through ``queue``,
+    ``batch`` and ``rejected``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("mmstack_queue_depth", "Items waiting for a batch", ["model"], registry=r)
+        self.in_flight = Gauge("mmstack_in_flight", "Items admitted (waiting or running)", ["model"], registry=r)
+        self.batch_size = Histogram(
+            "mmstack_batch_size", "Items per forward pass", ["model", "op"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "mmstack_batch_seconds", "Run time of one batch", ["model", "op"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "mmstack_request_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.requests = Counter("mmstack_requests", "Requests answered", ["endpoint", "status"], registry=r)
+        self.rejections = Counter("mmstack_rejected", "Requests refused or dropped", ["model", "reason"], registry=r)
+
+    def queue(self, model: str, pending: int, admitted: int) -> None:
+        self.queue_depth.labels(model).set(pending)
+        self.in_flight.labels(model).set(admitted)
+
+    def batch(self, model: str, op: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(model, op).observe(size)
+        self.batch_seconds.labels(model, op).observe(seconds)
+
+    def rejected(self, model: str, reason: str) -> None:
+        self.rejections.labels(model, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LatencyMiddleware:
+    """ASGI middleware timing each HTTP request by route (unknown paths are pooled as "other")."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics, endpoints: set[str]) -> None:
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in self.endpoints else "other"
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def timed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()

@@ -1,0 +1,368 @@
+"""The CLIP recipe: train a two-tower model (CLIP / SigLIP loss, optional SimCLR term) on image-text pairs.
+
+    cfg = load_config(ClipRecipeConfig, "configs/clip-demo.yaml", overrides=["train.lr=1e-3"])
+    result = train_clip(cfg, data="world/train", out="models/clip", val="world/val")
+
+Steps: read the pairs; train the caption tokenizer on the training captions (or take the processor of
+``model.init_from``); build the model; cache the preprocessed pixels and tokens (``clip_data``); run the
+shared trainer with ``ClipTask``; evaluate on ``val`` when given; save the checkpoint folder with
+``save_pretrained`` (its model card holds the training config and the eval numbers), together with the
+run's ``metrics.jsonl``, ``train_config.json`` and ``train_state/`` (so a longer run can continue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mmstack.config import to_dict
+from mmstack.errors import ConfigError, DataError
+from mmstack.train.clip_data import AugmentConfig, PairTensors, cached_pixels, scene_captions
+from mmstack.train.clip_task import ClipTask
+from mmstack.train.trainer import TrainConfig, Trainer, TrainSummary
+from mmstack.utils.atomic import atomic_dir
+from mmstack.utils.progress import console
+from mmstack.utils.seeding import seed_everything
+
+RUN_FILES = ("metrics.jsonl", "train_config.json")
+
+
+@dataclass
+class ModelSection:
+    """Which model to train: a named preset with overrides, or an existing checkpoint to fine-tune.
+
+    ``overrides`` are ``TwoTowerConfig`` fields merged onto the preset (e.g. ``{"vision": {"patch_size": 16}}``).
+    ``freeze_image`` / ``freeze_text`` keep a tower and its projection fixed (locked-image tuning, LiT).
+    """
+
+    preset: str = "shapes-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    freeze_image: bool = False
+    freeze_text: bool = False
+
+    def __post_init__(self) -> None:
+        if self.freeze_image and self.freeze_text:
+            raise ConfigError("model.freeze_image and model.freeze_text are both true: nothing would train")
+
+
+@dataclass
+class TokenizerSection:
+    """The caption tokenizer trained on the training captions (ignored with ``model.init_from``)."""
+
+    kind: Literal["wordlevel", "bpe"] = "wordlevel"
+    vocab_size: int = 4096
+    min_frequency: int = 1
+
+
+@dataclass
+class LossSection:
+    """``type``: clip (softmax InfoNCE), siglip (sigmoid) or simclr (image-only NT-Xent pretraining).
+
+    ``simclr_weight`` > 0 adds SimCLR on two augmented views to the clip/siglip loss. Hard negatives
+    (``hard_negative_beta`` / ``hard_negative_topk``) are passed to the loss (see ``mmstack.models.losses``).
+    ``scale_lr``: learning rate of the logit scale/bias (default: ``train.lr``; see ``ClipTask``).
+    """
+
+    type: Literal["clip", "siglip", "simclr"] = "clip"
+    simclr_weight: float = 0.0
+    simclr_temperature: float = 0.1
+    hard_negative_beta: float = 0.0
+    hard_negative_topk: int | None = None
+    scale_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.simclr_weight < 0 or self.simclr_temperature <= 0:
+            raise ConfigError("loss.simclr_weight must be >= 0 and loss.simclr_temperature > 0")
+
+
+@dataclass
+class DataSection:
+    """``captions``: ``pair`` (the one caption per image) or ``all`` (every caption of the scene from the
+    shapes world's scenes.jsonl, one drawn per step; falls back to ``pair`` for other data).
+    ``cache_dir``: where preprocessed uint8 pixels are cached (default ``$MMSTACK_CACHE`` or
+    ``~/.cache/mmstack``). ``text_buckets``: encode captions in that many length buckets (see ``ClipTask``).
+    ``image_stats``: normalise pixels with the processor's mean/std (``processor``: CLIP's ImageNet-derived
+    values) or with the per-channel mean/std of the training images (``data``, for a fresh model only;
+    the values are stored in the checkpoint's processor, so evaluation and serving use them too)."""
+
+    captions: Literal["pair", "all"] = "all"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache_dir: str | None = None
+    text_buckets: int = 1
+    image_stats: Literal["processor", "data"] = "processor"
+
+
+@dataclass
+class ClipRecipeConfig:
+    """Everything ``mmstack train clip`` needs besides the data and output paths."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    loss: LossSection = field(default_factory=LossSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = 512
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def read_training_pairs(data: str | Path, mode: str) -> tuple[list[Path], list[list[str]]]:
+    """Image paths and, per image, the captions to draw from."""
+    from mmstack.data.pairs import read_pairs
+
+    pairs = read_pairs(data)
+    if not pairs:
+        raise DataError(f"{data}: no image-text pairs found; check the path (a folder with pairs.jsonl, a .jsonl/.csv)")
+    captions = scene_captions(Path(data), [p.id for p in pairs]) if mode == "all" and Path(data).is_dir() else None
+    if captions is None:
+        captions = [[p.caption] for p in pairs]
+    return [p.image for p in pairs], captions
+
+
+def build_dataset(processor: Any, images: list[Path], captions: list[list[str]], cfg: ClipRecipeConfig) -> PairTensors:
+    """Cached pixels + tokenised captions as a trainer ``BatchSource``.
+
+    With ``data.image_stats: data`` the processor's mean/std are set here from the pixels (the processor is
+    saved with the checkpoint, so evaluation uses the same values).
+    """
+    from mmstack.data.images import load_image
+
+    def to_uint8(path: Path):
+        return processor.image_to_uint8(load_image(path))
+
+    spec = {"image": {k: v for k, v in to_dict(processor.image_config).items() if k not in ("mean", "std")}}
+    pixels = cached_pixels(images, to_uint8, spec, _cache_dir(cfg))
+    if cfg.data.image_stats == "data" and not cfg.model.init_from:
+        processor.image_config = dataclasses.replace(processor.image_config, **pixel_stats(pixels))
+    flat = [c for cs in captions for c in cs]
+    tokens = processor.text(flat)
+    cut = int((tokens["attention_mask"].sum(1) >= processor.max_length).sum())
+    if cut:
+        console.print(
+            f"[yellow]warning:[/] {cut} of {len(flat)} captions fill the {processor.max_length}-token context and "
+            "may be cut; raise model.overrides.text.max_position_embeddings"
+        )
+    offsets = torch.tensor([0, *torch.tensor([len(cs) for cs in captions]).cumsum(0).tolist()])
+    img = processor.image_config
+    loss = cfg.loss
+    return PairTensors(
+        pixels,
+        tokens["input_ids"],
+        tokens["attention_mask"],
+        offsets,
+        list(img.mean),
+        list(img.std),
+        augment=cfg.data.augment,
+        views=loss.type == "simclr" or loss.simclr_weight > 0,
+        pairs=loss.type != "simclr",
+    )
+
+
+def pixel_stats(pixels: torch.Tensor, max_images: int = 4096) -> dict[str, tuple[float, ...]]:
+    """Per-channel mean and std of uint8 ``(N, 3, H, W)`` pixels in [0, 1] (a deterministic subsample)."""
+    step = max(1, len(pixels) // max_images)
+    x = pixels[::step].float().div_(255.0).transpose(0, 1).reshape(3, -1)  # (3, N*H*W)
+    std = x.std(dim=1).clamp_min(1e-3)
+    return {"mean": tuple(round(float(v), 6) for v in x.mean(dim=1)), "std": tuple(round(float(v), 6) for v in std)}
+
+
+def _cache_dir(cfg: ClipRecipeConfig) -> Path:
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    return Path(os.environ.get("MMSTACK_CACHE", Path.home() / ".cache" / "mmstack")) / "pixels"
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: ClipRecipeConfig, captions: list[list[str]]):
+    """A fresh model (preset + overrides, tokenizer trained on ``captions``) or the ``init_from`` checkpoint."""
+    from mmstack.models.two_tower import TwoTowerConfig, TwoTowerModel, default_processor
+    from mmstack.processing.tokenizer import train_caption_tokenizer
+
+    m = cfg.model
+    pair_loss = "siglip" if cfg.loss.type == "siglip" else "clip"
+    if m.init_from:
+        model = TwoTowerModel.from_pretrained(m.init_from)
+        if cfg.loss.type != "simclr" and model.config.loss_type != pair_loss:
+            raise ConfigError(
+                f"model.init_from {m.init_from} was trained with loss {model.config.loss_type!r}, "
+                f"but loss.type is {cfg.loss.type!r}; use the same loss"
+            )
+    else:
+        overrides = dict(m.overrides)
+        if overrides.setdefault("loss_type", pair_loss) != pair_loss:
+            raise ConfigError(
+                f"model.overrides.loss_type={overrides['loss_type']!r} contradicts loss.type={cfg.loss.type!r}; "
+                "set the loss in loss.type only"
+            )
+        config = TwoTowerConfig.from_preset(m.preset, overrides)
+        tok = cfg.tokenizer
+        texts = [c for cs in captions for c in cs]
+        tokenizer = train_caption_tokenizer(
+            texts, tok.vocab_size, tok.kind, max_length=config.context_length, min_frequency=tok.min_frequency
+        )
+        model = TwoTowerModel.from_config(config, default_processor(config, tokenizer))
+    model.freeze(image=m.freeze_image, text=m.freeze_text)
+    return model
+
+
+def build_task(model: Any, cfg: ClipRecipeConfig) -> ClipTask:
+    from mmstack.models.losses import ClipLoss, NTXentLoss, SigLipLoss
+
+    loss = cfg.loss
+    hn = {"hard_negative_beta": loss.hard_negative_beta, "hard_negative_topk": loss.hard_negative_topk}
+    pair = {"clip": lambda: ClipLoss(cache_labels=True, **hn), "siglip": lambda: SigLipLoss(**hn)}
+    pair_loss = pair[loss.type]() if loss.type in pair else None
+    views = loss.type == "simclr" or loss.simclr_weight > 0
+    ntxent = NTXentLoss(temperature=loss.simclr_temperature) if views else None
+    return ClipTask(
+        model, pair_loss, ntxent, loss.simclr_weight, text_buckets=cfg.data.text_buckets, scale_lr=loss.scale_lr
+    )
+
+
+# -------------------------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class ClipRunResult:
+    """What ``train_clip`` returns (and ``mmstack train clip --json`` prints)."""
+
+    out: str
+    summary: TrainSummary
+    parameters: int
+    prepare_s: float
+    total_s: float
+    val: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "out": self.out,
+            "steps": s.steps,
+            "start_step": s.start_step,
+            "train_s": round(s.seconds, 2),
+            "prepare_s": round(self.prepare_s, 2),
+            "total_s": round(self.total_s, 2),
+            "samples_per_s": round(s.samples_per_s, 1),
+            "final_loss": s.final_loss,
+            "temperature": s.last_metrics.get("temperature"),
+            "parameters": self.parameters,
+            "val": self.val,
+        }
+
+
+def train_clip(
+    cfg: ClipRecipeConfig,
+    data: str | Path,
+    out: str | Path,
+    val: str | Path | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> ClipRunResult:
+    """Train per ``cfg`` on the pairs in ``data``; write the checkpoint folder ``out``; evaluate on ``val``.
+
+    ``stop_after`` ends the run after that many steps with the schedule of the full run, keeping only the
+    training state (a later call continues it); the checkpoint is written when ``train.max_steps`` is reached.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    images, captions = read_training_pairs(data, cfg.data.captions)
+    model = build_model(cfg, captions)
+    dataset = build_dataset(model.processor, images, captions, cfg)
+    run_config = {**to_dict(cfg), "data_path": str(Path(data).resolve()), "tokenizer_sha": _tokenizer_hash(model)}
+    work = _work_dir(out)
+    trainer = Trainer(build_task(model, cfg), dataset, cfg.train, work, run_config=run_config, resume=resume)
+    prepare_s = time.perf_counter() - t0
+    summary = trainer.fit(stop_at_step=stop_after)
+    n_params = model.num_parameters()
+    if summary.steps < cfg.train.max_steps:
+        return ClipRunResult(str(work), summary, n_params, prepare_s, time.perf_counter() - t0)
+    metrics = evaluate_retrieval(model, val, cfg.eval_batch_size) if val is not None else None
+    result = ClipRunResult(str(out), summary, n_params, prepare_s, time.perf_counter() - t0, metrics)
+    card = {
+        "training": {"recipe": "mmstack train clip", "config": run_config, "summary": result.as_dict()},
+        "metrics": {"val": metrics} if metrics else {},
+    }
+    save_checkpoint(model, out, work, card)
+    return result
+
+
+def finished_checkpoint(out: str | Path, cfg: ClipRecipeConfig, data: str | Path) -> dict[str, Any] | None:
+    """The training summary of ``out`` when it is a finished run of ``cfg`` on ``data``, else None.
+
+    Lets a pipeline (the demo) reuse a checkpoint instead of training again with an unchanged config.
+    """
+    path = Path(out) / "config.json"
+    if not path.is_file() or not (Path(out) / "train_config.json").is_file():
+        return None
+    try:
+        saved = json.loads((Path(out) / "train_config.json").read_text())
+        training = json.loads(path.read_text())["card"]["training"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    saved.pop("tokenizer_sha", None)
+    wanted = json.loads(json.dumps({**to_dict(cfg), "data_path": str(Path(data).resolve())}, default=str))
+    summary = training.get("summary") or {}
+    return summary if saved == wanted and summary.get("steps") == cfg.train.max_steps else None
+
+
+def evaluate_retrieval(model: Any, data: str | Path, batch_size: int = 512) -> dict[str, Any]:
+    """Retrieval metrics of ``model`` on the pairs in ``data`` (M's ``mmstack.eval`` runner)."""
+    from mmstack.eval.retrieval import evaluate_retrieval as run
+
+    model.eval()
+    return run(model, data, batch_size=batch_size)
+
+
+def _tokenizer_hash(model: Any) -> str:
+    vocab = model.processor.tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+
+
+def _work_dir(out: Path) -> Path:
+    """Run files (state, metrics) live in ``out`` once it is a checkpoint, else beside it until the end."""
+    return out if (out / "train_state").is_dir() else out.parent / f".{out.name}.run"
+
+
+def save_checkpoint(model: Any, out: Path, work: Path, card: dict[str, Any]) -> None:
+    """Write the checkpoint folder ``out`` atomically: ``save_pretrained`` files plus the run files.
+
+    The run files are hard-linked (copied across file systems) from ``work`` so a crash while saving
+    never loses the training state.
+    """
+    with atomic_dir(out) as tmp:
+        model_dir = tmp / "model"
+        model.save_pretrained(model_dir, card=card)
+        for item in model_dir.iterdir():
+            os.replace(item, tmp / item.name)
+        model_dir.rmdir()
+        for name in RUN_FILES:
+            if (work / name).is_file():
+                shutil.copy2(work / name, tmp / name)
+        if (work / "train_state").is_dir():
+            shutil.copytree(work / "train_state", tmp / "train_state", copy_function=_link_or_copy)
+    if work != out:
+        shutil.rmtree(work, ignore_errors=True)
+    console.print(f"saved checkpoint {out}")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

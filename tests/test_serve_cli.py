@@ -1,0 +1,88 @@
+"""``mmstack serve``: config and flags, clear errors, and a real server process on the loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from _serve_models import save_clip
+from mmstack.config import configs_dir
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_clip(tmp_path_factory.mktemp("cli") / "clip")
+
+
+def test_check_with_flags(run_cli, clip_dir):
+    res = run_cli("serve", "--model", f"clip={clip_dir}", "--check", "--json")
+    assert res.code == 0, res.err
+    out = res.json()
+    assert out["models"] == {"clip": "two_tower"}
+    assert out["url"] == "http://127.0.0.1:8000" and out["api_key"] is False
+
+
+def test_config_paths_are_relative_to_the_file_and_flags_override(run_cli, clip_dir, tmp_path):
+    cfg = clip_dir.parent / "serve.yaml"
+    cfg.write_text("port: 8123\nmodels:\n  emb: clip\nbatching: {max_wait_ms: 2}\n")
+    res = run_cli("serve", "--config", cfg, "--port", "9001", "--host", "127.0.0.2", "--check", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["url"] == "http://127.0.0.2:9001" and res.json()["models"] == {"emb": "two_tower"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "nothing to serve"),
+        (("--model", "clip"), "NAME=PATH"),
+        (("--model", "x=/does/not/exist"), "does not exist"),
+        (("--model", "x=/tmp", "--set", "batching.max_wiat_ms=1"), "did you mean 'max_wait_ms'"),
+    ],
+)
+def test_bad_invocations_fail_with_one_line(run_cli, args, message):
+    res = run_cli("serve", *args, "--check")
+    assert res.code == 2 and message in res.err and "Traceback" not in res.err
+
+
+def test_example_config_is_valid():
+    from mmstack.serve.config import load_serve_config
+
+    cfg = load_serve_config(configs_dir() / "serve-example.yaml")
+    assert cfg.host == "127.0.0.1" and set(cfg.models) == {"clip", "vlm", "native"}
+    assert cfg.batching_for("vlm").max_batch_size == 8 and cfg.batching_for("clip").max_batch_size == 16
+    assert cfg.collections["demo"].db.endswith("demo-output/index/db")
+
+
+@pytest.mark.slow
+def test_serve_process_answers_on_loopback(clip_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MMSTACK_API_KEY": "k1"}
+    cmd = [sys.executable, "-m", "mmstack", "serve", "--model", f"clip={clip_dir}", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {"model": "clip", "input": "a red circle", "encoding_format": "float"}
+        assert httpx.post(url + "/v1/embeddings", json=body).status_code == 401  # the key came from the env
+        r = httpx.post(url + "/v1/embeddings", json=body, headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
+    finally:
+        proc.terminate()
+        proc.wait(10)

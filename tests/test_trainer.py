@@ -1,0 +1,172 @@
+"""The shared trainer on a toy regression task: schedule, accumulation, resume, freezing, logging, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmstack.errors import ConfigError, DataError
+from mmstack.train.optim import warmup_cosine
+from mmstack.train.sampler import DistInfo, StepSampler
+from mmstack.train.task import Task
+from mmstack.train.trainer import TrainConfig, Trainer
+
+
+class ToyData:
+    """y = x @ w_true + noise, served by index like the recipes' cached tensors."""
+
+    def __init__(self, n: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 2, generator=g) + 0.01 * torch.randn(n, 2, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, indices):
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+
+def toy_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # dropout makes the run depend on the torch RNG, so resume must restore it
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Dropout(0.1), nn.GELU(), nn.Linear(16, 2))
+
+
+def mse(model, batch):
+    return nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+
+def make_trainer(tmp, seed=0, on_step_end=None, **cfg) -> Trainer:
+    base = {"lr": 1e-2, "warmup_steps": 2, "max_steps": 6, "batch_size": 16, "log_every": 1, "seed": 3}
+    return Trainer(Task(toy_model(seed), mse), ToyData(), TrainConfig(**{**base, **cfg}), tmp, on_step_end=on_step_end)
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine(0, 4, 100) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 100) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 100) == pytest.approx(1.0)
+    assert warmup_cosine(52, 4, 100) == pytest.approx(0.5)  # half way through the cosine
+    assert warmup_cosine(100, 4, 100, min_lr_ratio=0.1) == pytest.approx(0.1)
+    lrs = [warmup_cosine(s, 4, 100) for s in range(4, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_scheduler_drives_optimizer_lr(tmp_path):
+    trainer = make_trainer(tmp_path, lr=0.1, warmup_steps=2, max_steps=6)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [0.1 * warmup_cosine(s, 2, 6) for s in range(6)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected)
+
+
+def test_training_reduces_loss_and_writes_run_files(tmp_path):
+    trainer = make_trainer(tmp_path, lr=3e-2, max_steps=60, warmup_steps=5, log_every=10)
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert summary.steps == 60 and summary.samples_per_s > 0 and math.isfinite(summary.final_loss)
+    assert json.loads((tmp_path / "train_config.json").read_text())["train"]["max_steps"] == 60
+    assert (tmp_path / "train_state" / "state.pt").is_file()
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
+    full = make_trainer(tmp_path / "full", max_steps=7, save_every=2)
+    full.fit()
+
+    def crash(step, _):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "cut", max_steps=7, save_every=2, on_step_end=crash).fit()
+    # a fresh process: other initial weights, other global RNG; everything must come from train_state/
+    torch.manual_seed(1234)
+    resumed = make_trainer(tmp_path / "cut", seed=99, max_steps=7, save_every=2)
+    summary = resumed.fit()
+    assert summary.start_step == 4
+    for (name, a), b in zip(
+        full.task.model.state_dict().items(), resumed.task.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    full_rows = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    cut_rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(r).items() if k not in ("samples_per_s", "elapsed_s")} for r in full_rows]
+    assert strip == [
+        {k: v for k, v in json.loads(r).items() if k not in ("samples_per_s", "elapsed_s")} for r in cut_rows
+    ]
+
+
+def test_stop_and_resume_keeps_the_schedule(tmp_path):
+    a = make_trainer(tmp_path / "a")
+    a.fit()
+    make_trainer(tmp_path / "b").fit(stop_at_step=3)
+    b = make_trainer(tmp_path / "b", seed=5)
+    b.fit()
+    assert all(torch.equal(x, y) for x, y in zip(a.task.model.parameters(), b.task.model.parameters(), strict=True))
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    make_trainer(tmp_path, max_steps=2).fit()
+    with pytest.raises(ConfigError, match=r"train\.lr="):
+        make_trainer(tmp_path, max_steps=4, lr=0.5).fit()
+    assert make_trainer(tmp_path, max_steps=4).fit().start_step == 2  # a longer run may continue
+
+
+def test_frozen_parameters_stay_bit_identical(tmp_path):
+    trainer = make_trainer(tmp_path, weight_decay=0.5)
+    first = trainer.task.model[0]
+    for p in first.parameters():
+        p.requires_grad_(False)
+    before = [p.clone() for p in first.parameters()]
+    last_before = trainer.task.model[4].weight.clone()
+    trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, first.parameters(), strict=True))
+    assert not torch.equal(last_before, trainer.task.model[4].weight)
+
+
+def test_no_weight_decay_on_biases_and_norms(tmp_path):
+    trainer = make_trainer(tmp_path, weight_decay=0.3)
+    groups = {g["weight_decay"]: g["params"] for g in trainer.optimizer.param_groups}
+    assert all(p.ndim == 2 for p in groups[0.3]) and all(p.ndim == 1 for p in groups[0.0])
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.98) and trainer.optimizer.defaults["eps"] == 1e-6
+
+
+def test_plain_accumulation_matches_big_batch():
+    data = ToyData()
+    grads = []
+    for accum in (1, 4):
+        model = toy_model()
+        model.eval()  # no dropout: the two passes must see the same function
+        task = Task(model, mse)
+        idx = torch.arange(16)
+        task.train_step([data.batch(c) for c in torch.tensor_split(idx, accum)])
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_is_deterministic_and_sharded():
+    s = StepSampler(100, 32, seed=7)
+    assert s.steps_per_epoch == 3
+    epoch0 = torch.cat([s.indices(i) for i in range(3)])
+    assert len(set(epoch0.tolist())) == 96  # no repeats inside an epoch
+    assert torch.equal(StepSampler(100, 32, seed=7).indices(4), s.indices(4))
+    assert not torch.equal(s.indices(0), s.indices(3))  # a new permutation each epoch
+    ranks = [StepSampler(100, 32, 7, DistInfo(r, 2)).indices(1) for r in range(2)]
+    assert torch.equal(torch.cat(ranks), s.indices(1))
+
+
+def test_bad_train_configs_and_data():
+    with pytest.raises(ConfigError, match=r"divisible by train\.accum_steps"):
+        TrainConfig(batch_size=10, accum_steps=3)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        TrainConfig(lr=0)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        StepSampler(10, 32, seed=0)
