@@ -42,7 +42,7 @@ def micro_recipes(tmp_path, native_steps: int, **native_overrides):
         configs_dir() / "native-micro.yaml",
         {
             **cache,
-            "train": {"max_steps": native_steps, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5},
+            "train": {"max_steps": native_steps, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10},
             **native_overrides,
         },
     )
@@ -139,4 +139,22 @@ def test_cli_train_eval_generate_caption(tmp_path, run_cli):
     assert res.code == 0, res.err
     assert isinstance(res.json()["caption"], str)
     res = run_cli("caption", tmp_path / "missing.png", "--model", tmp_path / "native")
-    assert res.code == 2 and "does not exist" in res.err
+    assert res.code == 2 and "not found" in res.err and "Traceback" not in res.err
+
+
+def test_demo_stage_trains_evaluates_and_draws(tmp_path):
+    from mmstack.demo import native_stage
+    from mmstack.demo.pipeline import DemoContext
+    from mmstack.world import generate_world
+
+    ctx = DemoContext(out=tmp_path, config={}, smoke=True)
+    for offset, split in enumerate(("train", "val")):
+        generate_world(tmp_path / "world" / split, n=96 if split == "train" else 8, seed=1000 * offset, split=split)
+    result = native_stage.run(ctx, {"native_overrides": {"train": {"max_steps": 4}}})
+    assert {"psnr", "object_accuracy", "object_accuracy_no_cfg", "caption_accuracy", "valid_rate"} <= set(
+        result.metrics
+    )
+    assert all((tmp_path / p).is_file() for p in result.outputs)
+    assert "native.png" in result.html and "not FID" in result.html
+    again = native_stage.run(ctx, {"native_overrides": {"train": {"max_steps": 4}}})  # reuses both checkpoints
+    assert again.metrics["native_steps"] == 4 and again.metrics["psnr"] == result.metrics["psnr"]

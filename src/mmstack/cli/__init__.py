@@ -9,6 +9,7 @@ import typer
 
 from mmstack.cli import ask, chat, data, demo, index, search, serve, train, world
 from mmstack.cli import eval as eval_cli
+from mmstack.cli import generate as generate_cli
 from mmstack.errors import MmstackError
 from mmstack.utils.progress import console
 
@@ -29,6 +30,8 @@ app.command("search")(search.search)
 app.command("serve")(serve.serve)
 app.command("chat")(chat.chat)
 app.command("ask")(ask.ask)
+app.command("generate")(generate_cli.generate)
+app.command("caption")(generate_cli.caption)
 
 
 def _print_version(value: bool) -> None:

@@ -118,3 +118,8 @@ app.command("rag")(_eval_rag)
 from mmstack.cli.eval_align import register as _register_align  # noqa: E402  (eval reward, hallucination)
 
 _register_align(app)
+
+from mmstack.cli.eval_native import OVERRIDES as _NATIVE_OVERRIDES  # noqa: E402
+from mmstack.cli.eval_native import eval_native as _eval_native  # noqa: E402  (the native model)
+
+app.command("native", context_settings=_NATIVE_OVERRIDES)(_eval_native)

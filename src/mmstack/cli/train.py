@@ -73,3 +73,9 @@ app.command("llava", context_settings=OVERRIDES)(_train_llava)
 from mmstack.cli.train_align import register as _register_align  # noqa: E402  (train reward, dpo, ppo)
 
 _register_align(app)
+
+from mmstack.cli.train_native import train_native as _train_native  # noqa: E402  (the native model)
+from mmstack.cli.train_native import train_vq as _train_vq  # noqa: E402  (its VQ image tokenizer)
+
+app.command("vq", context_settings=OVERRIDES)(_train_vq)
+app.command("native", context_settings=OVERRIDES)(_train_native)

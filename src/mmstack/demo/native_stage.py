@@ -28,6 +28,8 @@ from typing import Any
 from mmstack.demo.pipeline import DemoContext, StageResult
 from mmstack.utils.progress import console
 
+SMOKE_EVAL = {"n_generate": 8, "n_caption": 8, "n_unconstrained": 4, "n_clips": 4, "batch_size": 8}
+
 
 def world_dirs(ctx: DemoContext) -> dict[str, Path]:
     """The world stage's train/val folders, or this stage's own (with clips) when those are missing."""
@@ -85,10 +87,10 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     _fresh_unless_same(nat_out, {**to_dict(nat_cfg), "data_path": str(dirs["train"].resolve()), "vq": fingerprint})
     nat_run = train_native(nat_cfg, dirs["train"], vq_out, nat_out).as_dict()
     model = NativeModel.from_pretrained(nat_out)
-    eval_cfg = from_dict(NativeEvalConfig, cfg.get("eval", {}), "native.eval")
+    eval_cfg = from_dict(NativeEvalConfig, {**(SMOKE_EVAL if ctx.smoke else {}), **cfg.get("eval", {})}, "native.eval")
     result = evaluate_native(model, dirs["val"], eval_cfg, nat_cfg.data.clip_frames)
     metrics = _metrics(vq_run, nat_run, result)
-    _grid(model, dirs["val"], ctx.path("native.png"), int(cfg.get("grid", 12)), eval_cfg)
+    _grid(model, dirs["val"], ctx.path("native.png"), int(cfg.get("grid", 6 if ctx.smoke else 12)), eval_cfg)
     _captions(model, dirs["val"], ctx.path("native_captions.png"), int(cfg.get("captions", 6)))
     console.print(
         "native: PSNR {psnr:.2f} dB, object accuracy {object_accuracy_no_cfg:.3f} (no guidance) / "

@@ -74,7 +74,7 @@ def _stages() -> list[Stage]:
         Stage("native", "Native model (VQ tokens + one decoder)", native_stage.run, needs=("world",)),
         Stage("align", "Preference alignment (reward model, DPO)", align_stage.run, needs=("world", "vlm")),
         Stage("rag", "Multimodal RAG with citations", rag_stage.run, needs=("clip", "vlm")),
-        Stage("serve", "Serving", serve_stage.run, needs=("clip", "index", "vlm", "native")),
+        Stage("serve", "Serving", serve_stage.run, needs=("clip", "index", "vlm", "native", "rag")),
     ]
 
 

@@ -3,8 +3,8 @@ answered with their cited sources, and the world RAG benchmark against the no-re
 
 Config (``rag:`` in the demo YAML; defaults in brackets): ``clip`` [models/clip] and ``vlm``
 [models/vlm] (checkpoint folders inside the demo folder), ``seed`` [0], ``records`` [50], ``questions``
-[100], ``context_k`` [3], ``tune_examples`` [4000], ``tune_steps`` [300], ``tune_batch`` [16], ``tune_lr``
-[1e-3]. The adapted VLM is written to ``models/vlm-rag``.
+[100], ``context_k`` [3], ``tune_examples`` [3000] conversations of ``tune_turns`` [4] questions,
+``tune_steps`` [300], ``tune_batch`` [16], ``tune_lr`` [1e-3]. The adapted VLM is written to ``models/vlm-rag``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
         log_every=10,
     )
     tune_cfg = RagTuneConfig(
-        n_examples=int(cfg.get("tune_examples", 4000)), context_k=int(cfg.get("context_k", 3)), train=train
+        n_examples=int(cfg.get("tune_examples", 3000)),
+        turns=int(cfg.get("tune_turns", 4)),
+        context_k=int(cfg.get("context_k", 3)),
+        train=train,
     )
     run_dir = ctx.path("runs", "vlm-rag")
     shutil.rmtree(run_dir, ignore_errors=True)  # the stage is cached as a whole; a re-run starts afresh

@@ -28,7 +28,8 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     """Write ``serve.yaml``, answer a few sample requests with it in-process, print the serve command."""
     import yaml
 
-    models = {k: v for k, v in (cfg.get("models") or MODELS).items() if (ctx.path(v) / "config.json").is_file()}
+    found = {k: _checkpoint(ctx, v) for k, v in (cfg.get("models") or MODELS).items()}
+    models = {k: v for k, v in found.items() if v is not None}
     collections = {k: v for k, v in (cfg.get("collections") or COLLECTIONS).items() if ctx.path(v).exists()}
     wanted = {**(cfg.get("models") or MODELS), **(cfg.get("collections") or COLLECTIONS)}
     missing = sorted(set(wanted) - set(models) - set(collections))
@@ -50,6 +51,28 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     metrics = {"models": sorted(models), "collections": sorted(collections), "left_out": missing}
     metrics.update({f"{s['endpoint']}_ms": s["ms"] for s in samples})
     return StageResult(metrics=metrics, html=_html(command, samples, missing), outputs=["serve.yaml"])
+
+
+def _checkpoint(ctx: DemoContext, rel: str) -> str | None:
+    """``rel`` when it is a checkpoint folder, else the newest servable checkpoint below it (a recipe that
+    trains in stages keeps one per stage, e.g. ``models/vlm/stage1/model``), else None."""
+    from mmstack.errors import ModelError
+    from mmstack.models.registry import read_family
+    from mmstack.serve.state import SERVICES
+
+    folder = ctx.path(rel)
+    candidates = [folder / "config.json", *sorted(folder.glob("**/config.json"))] if folder.is_dir() else []
+    found = []
+    for cfg_file in candidates:
+        try:
+            if cfg_file.is_file() and read_family(cfg_file.parent) in SERVICES:
+                found.append(cfg_file.parent)
+        except ModelError:  # config.json of something else (a run's state, a tokenizer)
+            continue
+    if not found:
+        return None
+    best = found[0] if found[0] == folder else max(found, key=lambda p: (p / "config.json").stat().st_mtime)
+    return str(best.relative_to(ctx.out))
 
 
 def _samples(ctx: DemoContext) -> list[dict[str, Any]]:

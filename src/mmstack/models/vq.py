@@ -191,7 +191,7 @@ class PatchEncoder(nn.Module):
 
     def __init__(self, patch: int, code_dim: int, channels: int, res_blocks: int) -> None:
         super().__init__()
-        self.patch = patch
+        self.patch = patch  # res_blocks 0: a purely linear patch embedding (no branch)
         n_in = 3 * patch * patch
         self.embed = nn.Conv2d(n_in, code_dim, 1)
         with torch.no_grad():
@@ -201,12 +201,12 @@ class PatchEncoder(nn.Module):
         branch: list[nn.Module] = [nn.Conv2d(n_in, channels, 3, padding=1)]
         branch += [ResBlock(channels) for _ in range(res_blocks)]
         branch += [nn.ReLU(), _zero(nn.Conv2d(channels, code_dim, 1))]
-        self.branch = nn.Sequential(*branch)
+        self.branch = nn.Sequential(*branch) if res_blocks > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = F.pixel_unshuffle(x, self.patch)  # (B, 3*p*p, H/p, W/p)
         z = self.embed(patches)
-        return z + self.branch(patches)
+        return z if self.branch is None else z + self.branch(patches)
 
 
 class PatchDecoder(nn.Module):
@@ -251,8 +251,9 @@ class VQConfig:
 
     ``image_size`` must be divisible by ``patch``; an image becomes ``(image_size / patch)**2`` codes (64 px
     with patch 8: 8 x 8 codes). ``code_dim`` None means ``3 * patch**2`` (the identity patch embedding).
-    ``channels``/``res_blocks`` size the convolutions on the code grid (encoder branch and decoder),
-    ``pixel_channels`` the decoder's full-resolution refinement.
+    ``channels`` is the width of the convolutions on the code grid, ``encoder_blocks`` / ``decoder_blocks``
+    their residual blocks (``encoder_blocks`` 0: a purely linear patch embedding), ``pixel_channels`` the
+    width of the decoder's full-resolution refinement.
     """
 
     image_size: int = 64
@@ -260,7 +261,8 @@ class VQConfig:
     code_dim: int | None = None
     codebook_size: int = 1024
     channels: int = 96
-    res_blocks: int = 1
+    encoder_blocks: int = 1
+    decoder_blocks: int = 1
     pixel_channels: int = 16
     beta: float = 0.25
     decay: float = 0.99
@@ -278,8 +280,10 @@ class VQConfig:
             raise ConfigError(
                 f"vq.code_dim must be >= 1 and vq.codebook_size >= 2, got {self.code_dim}, {self.codebook_size}"
             )
-        if self.channels < 1 or self.pixel_channels < 2 or self.res_blocks < 0 or self.kmeans_iters < 0:
-            raise ConfigError("vq.channels >= 1, vq.pixel_channels >= 2, vq.res_blocks >= 0, vq.kmeans_iters >= 0")
+        if self.channels < 1 or self.pixel_channels < 2 or self.kmeans_iters < 0:
+            raise ConfigError("vq.channels must be >= 1, vq.pixel_channels >= 2 and vq.kmeans_iters >= 0")
+        if self.encoder_blocks < 0 or self.decoder_blocks < 0:
+            raise ConfigError("vq.encoder_blocks and vq.decoder_blocks must be >= 0")
         if not 0.0 < self.decay < 1.0:
             raise ConfigError(f"vq.decay must be in (0, 1), got {self.decay}")
         if self.beta < 0 or self.dead_threshold < 0:
@@ -306,9 +310,9 @@ class VQModel(nn.Module):
     def __init__(self, config: VQConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.encoder = PatchEncoder(c.patch, c.code_dim, c.channels, c.res_blocks)
+        self.encoder = PatchEncoder(c.patch, c.code_dim, c.channels, c.encoder_blocks)
         self.quantizer = EMAQuantizer(c.codebook_size, c.code_dim, c.decay, c.kmeans_iters, c.dead_threshold)
-        self.decoder = PatchDecoder(c.patch, c.code_dim, c.channels, c.res_blocks, c.pixel_channels)
+        self.decoder = PatchDecoder(c.patch, c.code_dim, c.channels, c.decoder_blocks, c.pixel_channels)
         self.card: dict[str, Any] = {}
 
     @property

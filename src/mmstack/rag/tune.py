@@ -36,6 +36,7 @@ class RagTuneConfig:
 
     Args:
         n_examples: training conversations (fresh knowledge bases from ``seed``).
+        turns: questions per conversation (the first with the sources, then follow-ups about them).
         seed: data seed; keep it apart from the evaluation seeds.
         context_k: sources per prompt (match the pipeline's ``context_k``).
         p_first: how often the right record is source [1] (a good retriever puts it first).
@@ -43,7 +44,8 @@ class RagTuneConfig:
         train: optimiser settings for the shared trainer.
     """
 
-    n_examples: int = 4000
+    n_examples: int = 3000
+    turns: int = 4
     seed: int = 1000
     context_k: int = 3
     p_first: float = 0.5
@@ -53,8 +55,8 @@ class RagTuneConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.n_examples < 1 or self.context_k < 1:
-            raise ConfigError("rag tune n_examples and context_k must be >= 1")
+        if self.n_examples < 1 or self.context_k < 1 or self.turns < 1:
+            raise ConfigError("rag tune n_examples, turns and context_k must be >= 1")
         if not 0.0 <= self.p_first <= 1.0:
             raise ConfigError(f"rag tune p_first must be in [0, 1]; got {self.p_first}")
 
@@ -144,9 +146,7 @@ def _fit_max_length(model: Any, longest: int) -> None:
     proc_cfg = model.processor.config
     limit = getattr(model.language_model.config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
-        raise ConfigError(
-            f"RAG conversations reach {longest} tokens but the LM has {limit} positions; lower context_k"
-        )
+        raise ConfigError(f"RAG conversations reach {longest} tokens but the LM has {limit} positions; lower context_k")
     proc_cfg.max_length = max(proc_cfg.max_length, longest)
 
 
@@ -162,7 +162,7 @@ def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = 
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     model = BridgeModel.from_pretrained(base).train()
-    data = build_training_set(cfg.n_examples, cfg.seed, cfg.context_k, p_first=cfg.p_first)
+    data = build_training_set(cfg.n_examples, cfg.seed, cfg.context_k, cfg.turns, p_first=cfg.p_first)
     texts = world_vocabulary() + [t["value"] for ex in data.examples for t in ex.turns()]
     added = extend_vocabulary(model, texts)
     model.set_trainable(vision=cfg.train_vision, connector=True, language=True)
