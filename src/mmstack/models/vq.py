@@ -1,6 +1,6 @@
 """The native model's image tokenizer: a patch VQ-VAE with an EMA codebook.
 
-    vq = VQModel(VQConfig())                     # 64 px -> 8 x 8 codes from a 1024-entry codebook
+    vq = VQModel(VQConfig())                     # 64 px -> 8 x 8 codes from a 2048-entry codebook
     codes = vq.encode(pixels)                    # (B, 8, 8) long, pixels (B, 3, 64, 64) in [0, 1]
     recon = vq.decode(codes)                     # (B, 3, 64, 64) in [0, 1]
 
@@ -17,9 +17,9 @@ Architecture (ViT-VQGAN's linear patch embedding, with convolutions instead of a
   code grid, then on a pixel grid) adds a zero-initialised correction that sharpens edges from the
   neighbouring codes.
 
-At initialisation the model is exactly patch k-means (about 27 dB PSNR on the shapes world at 1024 codes);
-training only has to learn the correction, which is why a few hundred cheap CPU steps reach >= 28 dB where a
-conv VQ-VAE trained from scratch needs many thousands. The heavy convolutions run on the 8 x 8 code grid.
+At initialisation the model is exactly patch k-means (on the shapes world at 64 px: 27.3 dB PSNR with 1024
+codes, 28.5 dB with 2048); training only has to learn the correction, so a few hundred cheap CPU steps add
+to that, where a conv VQ-VAE trained from scratch sat near 25 dB after 1200 steps in our runs. The heavy convolutions run on the 8 x 8 code grid.
 """
 
 from __future__ import annotations
@@ -151,17 +151,23 @@ class EMAQuantizer(nn.Module):
             self.restarts += len(dead)
 
 
-def _kmeanspp_seeds(points: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-    """Weighted k-means++ seeding (D^2 sampling); repeats seeds when there are fewer distinct points than k."""
+def _kmeanspp_seeds(points: torch.Tensor, weights: torch.Tensor, k: int, rounds: int = 16) -> torch.Tensor:
+    """Weighted k-means++ seeding (D^2 sampling), drawing ``k / rounds`` seeds per round so the distance
+    updates are a few large matrix products instead of ``k`` small ones (close to k-means||)."""
     first = int(torch.multinomial(weights, 1))
-    centres = [points[first]]
-    d2 = (points - points[first]).pow(2).sum(1)
-    for _ in range(1, k):
+    centres = points[first : first + 1]
+    d2 = (points - centres[0]).pow(2).sum(1)
+    per_round = max(1, -(-(k - 1) // rounds))
+    while len(centres) < k:
         p = weights * d2
-        nxt = int(torch.multinomial(p, 1)) if float(p.sum()) > 0 else int(torch.multinomial(weights, 1))
-        centres.append(points[nxt])
-        d2 = torch.minimum(d2, (points - points[nxt]).pow(2).sum(1))
-    return torch.stack(centres).clone()
+        m = min(per_round, k - len(centres))
+        if int((p > 0).sum()) < m:  # fewer distinct points than codes: repeat some
+            new = points[torch.multinomial(weights, m, replacement=True)]
+        else:
+            new = points[torch.multinomial(p, m, replacement=False)]
+        centres = torch.cat([centres, new])
+        d2 = torch.minimum(d2, torch.cdist(points, new).pow(2).min(1).values)
+    return centres.clone()
 
 
 # ------------------------------------------------------------------------------------------ conv nets
@@ -259,7 +265,7 @@ class VQConfig:
     image_size: int = 64
     patch: int = 8
     code_dim: int | None = None
-    codebook_size: int = 1024
+    codebook_size: int = 2048
     channels: int = 96
     encoder_blocks: int = 1
     decoder_blocks: int = 1
