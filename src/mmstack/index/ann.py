@@ -38,7 +38,8 @@ class AnnConfig:
         hnsw_min: row count from which ``auto`` builds an HNSW index.
         m: HNSW graph degree (FAISS ``M``).
         ef_construction: HNSW build beam width.
-        ef_search: HNSW search beam width (raised to ``k`` when smaller).
+        ef_search: HNSW search beam width (raised to ``k`` when smaller). 128 measured recall@10 0.97 at
+            0.65 ms p50 on 1M clustered 512-d vectors (64: 0.93), see the index_ann benchmark.
         max_dead: fraction of tombstoned rows that triggers a rebuild.
     """
 
@@ -46,7 +47,7 @@ class AnnConfig:
     hnsw_min: int = 50_000
     m: int = 32
     ef_construction: int = 80
-    ef_search: int = 64
+    ef_search: int = 128
     max_dead: float = 0.25
 
     def __post_init__(self) -> None:
