@@ -78,6 +78,7 @@ def test_modality_types_groups_and_targets():
     assert types == [TEXT] * 3 + [IMAGE] * vocab.image_len
     nxt = vocab.next_is_image(ids)
     assert nxt.tolist() == [False] * 3 + [True] * (vocab.image_len - 1) + [False]
+    assert vocab.block_positions(ids[None])[0].tolist() == [-1] * 3 + list(range(vocab.image_len))
     _, target2 = vocab.build_sequence("i2t", caption, torch.tensor([[1, 2], [3, 4]]))
     assert target2.tolist() == [False] * (1 + vocab.image_len) + [True] * 3  # caption and <eos>
     uncond, _ = vocab.build_sequence("t2i", caption, torch.tensor([[1, 2], [3, 4]]), drop_condition=True)
@@ -85,6 +86,9 @@ def test_modality_types_groups_and_targets():
     clip, _ = vocab.build_sequence("v2t", caption, torch.zeros(2, 2, 2, dtype=torch.long))
     types = vocab.modality_types(clip[None])[0]
     assert (types[1 : 2 * vocab.image_len + 3] == VIDEO).all() and types[-1] == TEXT
+    pos = vocab.block_positions(clip[None])[0].tolist()  # <bos> <bov> frame <sep> frame <eov> caption <eos>
+    frame = list(range(vocab.image_len))
+    assert pos == [-1, -1, *frame, -1, *frame, -1] + [-1] * 3
     with pytest.raises(ConfigError):
         vocab.build_sequence("x2y", caption, torch.zeros(2, 2))
 
@@ -201,3 +205,31 @@ def test_save_load_round_trip(tmp_path):
     b = loaded.generate(CAPTIONS[:2], "image", seed=5).tokens
     assert [x.tolist() for x in a] == [y.tolist() for y in b]
     assert loaded.generate(CAPTIONS[0], "image").outputs[0].size == (16, 16)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def test_object_scores_match_the_best_assignment():
+    from mmstack.eval.native import caption_scores, object_scores
+
+    truth = [
+        {"shape": "circle", "colour": "red", "cell": "top left", "size": "large"},
+        {"shape": "star", "colour": "blue", "cell": "center", "size": "small"},
+    ]
+    found = [
+        {"shape": "star", "colour": "blue", "cell": "center", "size": "small"},  # listed first: order is free
+        {"shape": "square", "colour": "red", "cell": "top left", "size": "large"},  # wrong shape
+        {"shape": "heart", "colour": "pink", "cell": "bottom right", "size": "small"},  # an extra object
+    ]
+    s = object_scores([truth], [found])
+    assert s["object_accuracy"] == 0.5 and s["shape_accuracy"] == 0.5
+    assert s["colour_accuracy"] == 1.0 and s["cell_accuracy"] == 1.0 and s["scene_accuracy"] == 0.0
+    assert object_scores([truth], [found[:1] + [dict(truth[0])]])["scene_accuracy"] == 1.0
+    assert object_scores([truth], [[]])["object_accuracy"] == 0.0
+    good = "a large red circle at the top left and a small blue star in the center"
+    assert caption_scores([truth], [good]) == {"caption_accuracy": 1.0, "caption_exact": 1.0}
+    vague = "a large red circle and a small blue star in the center"  # first object's cell unnamed
+    assert caption_scores([truth], [vague])["caption_accuracy"] == 0.5
+    extra = good + " and a small green heart at the bottom right"
+    assert caption_scores([truth], [extra]) == {"caption_accuracy": 2 / 3, "caption_exact": 0.0}

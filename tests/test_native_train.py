@@ -149,7 +149,7 @@ def test_demo_stage_trains_evaluates_and_draws(tmp_path):
 
     ctx = DemoContext(out=tmp_path, config={}, smoke=True)
     for offset, split in enumerate(("train", "val")):
-        generate_world(tmp_path / "world" / split, n=96 if split == "train" else 8, seed=1000 * offset, split=split)
+        generate_world(tmp_path / "world" / split, n=64 if split == "train" else 6, seed=1000 * offset, split=split)
     result = native_stage.run(ctx, {"native_overrides": {"train": {"max_steps": 4}}})
     assert {"psnr", "object_accuracy", "object_accuracy_no_cfg", "caption_accuracy", "valid_rate"} <= set(
         result.metrics

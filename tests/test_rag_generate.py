@@ -89,11 +89,11 @@ def test_rag_batches_label_only_the_cited_answer():
 def test_tune_for_rag_end_to_end(tmp_path):
     base = tiny_model()
     base.save_pretrained(tmp_path / "base")
-    cfg = RagTuneConfig(
-        n_examples=12, context_k=2, train=TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, batch_size=4, log_every=1)
-    )
+    train = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, batch_size=4, log_every=1)
+    cfg = RagTuneConfig(n_examples=12, context_k=2, turns=2, text_steps=2, text_batch=4, train=train)
     summary = tune_for_rag(tmp_path / "base", tmp_path / "tuned", cfg)
-    assert summary["steps"] == 3 and summary["added_words"] > 50
+    assert summary["steps"] == {"text": 2, "main": 3} and summary["added_words"] > 50
+    assert (tmp_path / "tuned" / "run-text" / "metrics.jsonl").is_file()
     tuned = BridgeModel.from_pretrained(summary["model"])
     frozen = dict(base.vision_tower.named_parameters())
     for name, p in tuned.vision_tower.named_parameters():
@@ -135,3 +135,14 @@ def test_rag_tuning_raises_the_training_length_to_fit_several_images(tmp_path):
     model.language_model.config.max_position_embeddings = 32
     with pytest.raises(Exception, match="context_k"):
         _fit_max_length(model, batches.longest)
+
+
+def test_text_only_conversations_teach_lookup_without_images():
+    model = tiny_model()
+    data = build_training_set(8, seed=2, context_k=3, turns=2, n_records=10, image_size=32, text_only=1.0)
+    assert data.images == [] and all(k == "note" for ex in data.examples for k in ex.kinds)
+    first = data.examples[0].turns()[0]["value"]
+    assert "<image>" not in first and first.startswith("Sources:\n[1] ")
+    extend_vocabulary(model, [t["value"] for ex in data.examples for t in ex.turns()])
+    batch = RagBatches(data, model.processor).batch(torch.arange(8))
+    assert batch["pixel_values"] is None and model(**batch).loss.isfinite()

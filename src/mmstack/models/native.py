@@ -43,6 +43,9 @@ class NativeConfig:
     """Architecture of the decoder (the vocabulary comes from the tokenizers, see ``NativeVocab``).
 
     ``intermediate_size`` None means 8/3 of ``hidden_size`` rounded up to a multiple of 32 (LLaMA's ratio).
+    ``block_positions`` adds a learned embedding of each image token's place in its block (row and column,
+    as in Parti's 2-D position embeddings), so the model need not infer the 2-D layout from 1-D positions
+    that shift with the caption length.
     ``init_std`` None means ``hidden_size ** -0.5`` (unit-scale activations): GPT-2's 0.02, tuned for widths
     of 768 and more, leaves tiny decoders near chance for far longer (on the micro colour-captioning run,
     100 steps reach 1.0 accuracy with 1/sqrt(d) and stay at chance with 0.02).
@@ -56,6 +59,7 @@ class NativeConfig:
     max_positions: int = 1024
     head: Literal["shared", "per_modality"] = "shared"
     modality_embeddings: bool = True
+    block_positions: bool = True
     rope_theta: float = 10000.0
     dropout: float = 0.0
     init_std: float | None = None
@@ -130,6 +134,7 @@ class NativeModel(nn.Module):
         self.backbone = LlamaModel(config.llama(vocab.size))
         d = config.hidden_size
         self.type_embed = nn.Embedding(3, d) if config.modality_embeddings else None
+        self.block_embed = nn.Embedding(vocab.image_len, d) if config.block_positions else None
         if config.head == "shared":
             self.head = nn.Linear(d, vocab.size, bias=False)
         else:
@@ -141,7 +146,8 @@ class NativeModel(nn.Module):
                     "image": nn.Linear(d, len(self.image_ids), bias=False),
                 }
             )
-        for module in [self.type_embed, *(self.heads.values() if config.head != "shared" else [self.head])]:
+        heads = list(self.heads.values()) if config.head != "shared" else [self.head]
+        for module in [self.type_embed, self.block_embed, *heads]:
             if module is not None:
                 nn.init.normal_(module.weight, std=config.init_std)
         self.tokenizer = tokenizer
@@ -150,12 +156,20 @@ class NativeModel(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
 
-    def embed(self, input_ids: torch.Tensor, modality_types: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings plus modality-type embeddings, (B, L, D)."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        modality_types: torch.Tensor | None = None,
+        block_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings plus modality-type and in-block position embeddings, (B, L, D)."""
         x = self.backbone.embed_tokens(input_ids)
         if self.type_embed is not None:
             types = self.vocab.modality_types(input_ids) if modality_types is None else modality_types
             x = x + self.type_embed(types)
+        if self.block_embed is not None:
+            pos = self.vocab.block_positions(input_ids) if block_positions is None else block_positions
+            x = x + self.block_embed(pos.clamp_min(0)) * (pos >= 0).unsqueeze(-1).to(x.dtype)
         return x
 
     def forward(
@@ -166,18 +180,19 @@ class NativeModel(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         modality_types: torch.Tensor | None = None,
+        block_positions: torch.Tensor | None = None,
     ) -> NativeOutput:
         """Logits for the token after each position of ``input_ids`` (B, L).
 
-        ``modality_types`` default to those read from ``input_ids``; incremental decoding passes them,
-        since a token's type depends on the blocks opened earlier in the sequence.
+        ``modality_types`` and ``block_positions`` default to those read from ``input_ids``; incremental
+        decoding passes them, since they depend on the blocks opened earlier in the sequence.
         """
         if int(input_ids.max()) >= self.vocab.size or int(input_ids.min()) < 0:
             raise ModelError(
                 f"token ids must lie in [0, {self.vocab.size}), got {int(input_ids.min())}..{int(input_ids.max())}"
             )
         out = self.backbone(
-            inputs_embeds=self.embed(input_ids, modality_types),
+            inputs_embeds=self.embed(input_ids, modality_types, block_positions),
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,

@@ -150,6 +150,7 @@ class _Decoder:
 
         positions = (self.mask.cumsum(1) - 1).clamp_min(0)
         types = self.model.vocab.modality_types(self.ids)
+        blocks = self.model.vocab.block_positions(self.ids)
         start = self.fed if self.use_cache else 0
         if self.use_cache and self.cache is None:
             self.cache = DynamicCache()
@@ -160,6 +161,7 @@ class _Decoder:
             past_key_values=self.cache if self.use_cache else None,
             use_cache=self.use_cache,
             modality_types=types[:, start:],
+            block_positions=blocks[:, start:],
         )
         if self.use_cache:
             self.cache, self.fed = out.past_key_values, self.ids.shape[1]

@@ -137,6 +137,16 @@ class NativeVocab:
         types[in_video] = VIDEO
         return types
 
+    def block_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Offset of every token inside its image block (``<boi>`` 0, the codes and ``<eol>`` of row r at
+        ``1 + r * (w + 1) + c``, ``<eoi>`` last) and -1 outside blocks; (B, L). Gives image tokens their 2-D
+        place whatever the length of the caption before them."""
+        idx = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        last_boi = torch.cummax(torch.where(ids == self.boi, idx, torch.full_like(idx, -1)), dim=-1).values
+        offset = idx - last_boi
+        inside = (last_boi >= 0) & (offset < self.image_len) & (self.modality_types(ids) != TEXT)
+        return torch.where(inside, offset, torch.full_like(offset, -1))
+
     # ------------------------------------------------------------------------------------- layout
 
     def image_tokens(self, codes: torch.Tensor) -> torch.Tensor:

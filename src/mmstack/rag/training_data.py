@@ -110,10 +110,12 @@ def simulate_context(
     return chosen
 
 
-def _ask(rec: RagRecord, context: list[RagRecord], rng: random.Random, qid: str) -> RagQuestion:
-    """A question whose only answer among ``context`` is ``rec`` (a kind ``rec`` supports, at random)."""
+def _ask(
+    rec: RagRecord, context: list[RagRecord], rng: random.Random, qid: str, kinds: tuple[str, ...] = RAG_KINDS
+) -> RagQuestion:
+    """A question of one of ``kinds`` (at random, "note" always works) whose only answer in ``context`` is ``rec``."""
     counts = pair_counts(context)
-    for kind in rng.sample(RAG_KINDS, len(RAG_KINDS)):
+    for kind in [*rng.sample(kinds, len(kinds)), "note"]:
         q = make_question(rec, kind, counts, rng, qid)
         if q is not None:
             return q
@@ -121,12 +123,16 @@ def _ask(rec: RagRecord, context: list[RagRecord], rng: random.Random, qid: str)
 
 
 def conversation_for(
-    context: list[RagRecord], questions: list[RagQuestion], source_images: list[int], query_images: list[int | None]
+    context: list[RagRecord],
+    questions: list[RagQuestion],
+    source_images: list[int] | None,
+    query_images: list[int | None],
 ) -> RagExample:
-    """The conversation asking ``questions`` (the first with the sources) about ``context``."""
+    """The conversation asking ``questions`` (the first with the sources) about ``context``; without
+    ``source_images`` the sources are their notes alone (text-only RAG)."""
     numbers = {r.id: i for i, r in enumerate(context, start=1)}
-    snippets = [(r.note, True) for r in context]
-    conversation, images = [], list(source_images)
+    snippets = [(r.note, source_images is not None) for r in context]
+    conversation, images = [], list(source_images or [])
     for j, (q, query) in enumerate(zip(questions, query_images, strict=True)):
         text = (
             render_prompt(q.question, snippets, query is not None)
@@ -150,9 +156,13 @@ def build_training_set(
     n_records: int = 60,
     image_size: int = 64,
     p_first: float = 0.5,
+    text_only: float = 0.0,
 ) -> RagTrainingSet:
     """``n_examples`` RAG conversations of ``turns`` questions each over fresh knowledge bases (seeds
-    derived from ``seed``; use seeds the evaluation does not use)."""
+    derived from ``seed``; use seeds the evaluation does not use). A share ``text_only`` of them shows the
+    notes without images and asks only about notes: about a third of the compute of a multimodal one, they
+    teach the in-context lookup (find the source that names exhibit 17, copy its hall and number) that the
+    multimodal questions build on."""
     if n_examples < 1 or turns < 1:
         raise ConfigError(f"n_examples and turns must be >= 1; got {n_examples}, {turns}")
     out = RagTrainingSet()
@@ -164,13 +174,18 @@ def build_training_set(
             records = sample_records(n_records, derive_seed("rag-train-kb", int(seed), kb))
         gold = rng.choice(records)
         context = simulate_context(gold, records, context_k, rng, p_first)
-        questions = [_ask(gold, context, rng, f"c{i}t0")]
+        notes_only = rng.random() < text_only
+        kinds = ("note",) if notes_only else RAG_KINDS
+        questions = [_ask(gold, context, rng, f"c{i}t0", kinds)]
         for j in range(1, turns):  # follow-ups about any source, never a question asked already
             for _ in range(20):
-                q = _ask(rng.choice(context), context, rng, f"c{i}t{j}")
+                q = _ask(rng.choice(context), context, rng, f"c{i}t{j}", kinds)
                 if all(q.question != p.question for p in questions):
                     questions.append(q)
                     break
+        if notes_only:
+            out.examples.append(conversation_for(context, questions, None, [None] * len(questions)))
+            continue
         ids = [out.add_image(f"kb{kb}/{r.id}", lambda r=r: r.render(image_size)) for r in context]
         queries = [
             out.add_image(f"kb{kb}/c{i}/{q.id}", lambda q=q: q.render_query(image_size)) if q.query_scene else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class RagTuneConfig:
         seed: data seed; keep it apart from the evaluation seeds.
         context_k: sources per prompt (match the pipeline's ``context_k``).
         p_first: how often the right record is source [1] (a good retriever puts it first).
+        text_only: share of conversations with notes only (cheap; they teach the in-context lookup).
+        text_steps, text_batch: an optional first phase on notes-only conversations (0 steps: none).
         train_vision: also train the vision tower (slower; usually not needed).
         train: optimiser settings for the shared trainer.
     """
@@ -49,16 +51,22 @@ class RagTuneConfig:
     seed: int = 1000
     context_k: int = 3
     p_first: float = 0.5
+    text_only: float = 0.5
+    text_steps: int = 0
+    text_batch: int = 64
     train_vision: bool = False
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-3, warmup_steps=20, max_steps=300, batch_size=16, weight_decay=0.0)
     )
 
     def __post_init__(self) -> None:
-        if self.n_examples < 1 or self.context_k < 1 or self.turns < 1:
-            raise ConfigError("rag tune n_examples, turns and context_k must be >= 1")
-        if not 0.0 <= self.p_first <= 1.0:
-            raise ConfigError(f"rag tune p_first must be in [0, 1]; got {self.p_first}")
+        if self.n_examples < 1 or self.context_k < 1 or self.turns < 1 or self.text_batch < 1:
+            raise ConfigError("rag tune n_examples, turns, context_k and text_batch must be >= 1")
+        if self.text_steps < 0:
+            raise ConfigError(f"rag tune text_steps must be >= 0; got {self.text_steps}")
+        for name in ("p_first", "text_only"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"rag tune {name} must be in [0, 1]; got {getattr(self, name)}")
 
 
 # ------------------------------------------------------------------------------------- vocabulary
@@ -118,8 +126,9 @@ class RagBatches:
         self.examples: list[RagExample] = data.examples
         self.templates = [proc.encode_turns(ex.turns(), name=f"rag example {i}") for i, ex in enumerate(data.examples)]
         cfg = proc.config.image
-        self.pixels = normalize(stack_uint8([to_uint8(img, cfg) for img in data.images]), cfg)  # (N, 3, H, W)
-        self.per_image = proc.tokens_per_view(*self.pixels.shape[-2:])
+        uint8 = [to_uint8(img, cfg) for img in data.images]
+        self.pixels = normalize(stack_uint8(uint8), cfg) if uint8 else None  # (N, 3, H, W)
+        self.per_image = proc.tokens_per_view(*cfg.size)
         self.longest = max(len(t.input_ids) + t.n_images * (self.per_image - 1) for t in self.templates)
 
     def __len__(self) -> int:
@@ -150,11 +159,25 @@ def _fit_max_length(model: Any, longest: int) -> None:
     proc_cfg.max_length = max(proc_cfg.max_length, longest)
 
 
-def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = None) -> dict[str, Any]:
-    """Fine-tune the bridge checkpoint ``base`` on RAG conversations; save the result to ``out``/model."""
-    from mmstack.models.bridge import BridgeModel
+def _fit(model: Any, data: RagTrainingSet, train: TrainConfig, run_dir: Path, run_config: dict[str, Any]) -> Any:
+    """One training phase with the shared trainer and the llava recipe's task."""
     from mmstack.train.llava import LlavaTask
     from mmstack.train.trainer import Trainer
+
+    batches = RagBatches(data, model.processor)
+    _fit_max_length(model, batches.longest)
+    trainer = Trainer(LlavaTask(model, lr=train.lr), batches, train, run_dir, run_config=run_config)
+    with torch.enable_grad():  # a caller may have turned gradients off (inference CLIs do)
+        return trainer.fit()
+
+
+def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = None) -> dict[str, Any]:
+    """Fine-tune the bridge checkpoint ``base`` on RAG conversations; save the result to ``out``/model.
+
+    With ``text_steps`` > 0 a first phase trains on notes-only conversations (``out``/run-text), then the
+    main phase on the multimodal mixture (``out``/run).
+    """
+    from mmstack.models.bridge import BridgeModel
     from mmstack.utils.seeding import seed_everything
 
     cfg = cfg or RagTuneConfig()
@@ -162,27 +185,35 @@ def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = 
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     model = BridgeModel.from_pretrained(base).train()
-    data = build_training_set(cfg.n_examples, cfg.seed, cfg.context_k, cfg.turns, p_first=cfg.p_first)
-    texts = world_vocabulary() + [t["value"] for ex in data.examples for t in ex.turns()]
+    data = build_training_set(
+        cfg.n_examples, cfg.seed, cfg.context_k, cfg.turns, p_first=cfg.p_first, text_only=cfg.text_only
+    )
+    notes = None
+    if cfg.text_steps:
+        n_notes = cfg.text_steps * cfg.text_batch // 2  # each seen about twice
+        notes = build_training_set(n_notes, cfg.seed + 1, cfg.context_k, cfg.turns, text_only=1.0)
+    texts = world_vocabulary() + [t["value"] for d in (data, notes) if d for ex in d.examples for t in ex.turns()]
     added = extend_vocabulary(model, texts)
     model.set_trainable(vision=cfg.train_vision, connector=True, language=True)
-    batches = RagBatches(data, model.processor)
-    _fit_max_length(model, batches.longest)
     run_config = {"rag_tune": to_dict(cfg), "base": str(base)}
     prepare_s = time.perf_counter() - t0
     console.print(f"rag tune: {len(data.examples)} conversations, {len(data.images)} images, {len(added)} new words")
-    trainer = Trainer(LlavaTask(model, lr=cfg.train.lr), batches, cfg.train, out / "run", run_config=run_config)
-    with torch.enable_grad():  # a caller may have turned gradients off (inference CLIs do)
-        summary = trainer.fit()
+    seconds, phases = 0.0, {}
+    if notes is not None:
+        text_train = replace(cfg.train, max_steps=cfg.text_steps, batch_size=cfg.text_batch)
+        phases["text"] = _fit(model, notes, text_train, out / "run-text", {**run_config, "phase": "text"})
+        seconds += phases["text"].seconds
+    phases["main"] = _fit(model, data, cfg.train, out / "run", run_config)
+    seconds += phases["main"].seconds
     model.eval()
     result = {
         "base": str(base),
-        "steps": summary.steps,
-        "train_s": round(summary.seconds, 2),
+        "steps": {name: summary.steps for name, summary in phases.items()},
+        "train_s": round(seconds, 2),
         "prepare_s": round(prepare_s, 2),
-        "examples": len(data.examples),
+        "examples": len(data.examples) + (len(notes.examples) if notes else 0),
         "added_words": len(added),
-        "final_loss": summary.final_loss,
+        "final_loss": phases["main"].final_loss,
     }
     model.save_pretrained(out / "model", card={"training": {**run_config, "summary": result}})
     return {**result, "model": str(out / "model")}
