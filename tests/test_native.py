@@ -225,7 +225,7 @@ def test_object_scores_match_the_best_assignment():
     s = object_scores([truth], [found])
     assert s["object_accuracy"] == 0.5 and s["shape_accuracy"] == 0.5
     assert s["colour_accuracy"] == 1.0 and s["cell_accuracy"] == 1.0 and s["scene_accuracy"] == 0.0
-    assert object_scores([truth], [found[:1] + [dict(truth[0])]])["scene_accuracy"] == 1.0
+    assert object_scores([truth], [[*found[:1], dict(truth[0])]])["scene_accuracy"] == 1.0
     assert object_scores([truth], [[]])["object_accuracy"] == 0.0
     good = "a large red circle at the top left and a small blue star in the center"
     assert caption_scores([truth], [good]) == {"caption_accuracy": 1.0, "caption_exact": 1.0}

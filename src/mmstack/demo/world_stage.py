@@ -20,7 +20,11 @@ def run(ctx: DemoContext, cfg: dict) -> StageResult:
     from mmstack.world import contact_sheet, generate_world
 
     seed, size = int(cfg.get("seed", 0)), int(cfg.get("image_size", 64))
-    sizes = {"train": cfg.get("n_train", 2000), "val": cfg.get("n_val", 200), "compositional": cfg.get("n_compositional", 200)}
+    sizes = {
+        "train": cfg.get("n_train", 2000),
+        "val": cfg.get("n_val", 200),
+        "compositional": cfg.get("n_compositional", 200),
+    }
     summaries = {}
     # Each split draws from its own seed stream so val is held out from train.
     for offset, (split, n) in enumerate(sizes.items()):
