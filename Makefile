@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev,serve,index
+EXTRAS ?= dev,serve,index,distributed
 export PYTHONHASHSEED := 0
 
 .PHONY: help venv demo test test-deps test-fast bench lint format clean

@@ -38,9 +38,23 @@ def build(
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Remove items whose files are gone from the sources."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Drop the collection first and re-embed everything."),
     ann: str = typer.Option("auto", "--ann", help="Search index: auto (exact below 50k rows, else HNSW), exact, hnsw."),
+    ray: bool = typer.Option(
+        False, "--ray", help="Embed with Ray Data (decode tasks, model actor pool); needs [distributed]."
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="Ray cluster to join ('auto', ray://head:10001); default: start a local one."
+    ),
+    partitions: int = typer.Option(
+        8, "--partitions", help="With --ray: Ray Data blocks the units to embed are split into."
+    ),
+    ray_actors: int = typer.Option(1, "--ray-actors", help="With --ray: embedding actors (one model copy each)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Index sources into a collection; unchanged files are skipped, changed ones re-embedded, gone ones removed."""
+    """Index sources into a collection; unchanged files are skipped, changed ones re-embedded, gone ones removed.
+
+    With --ray the embedding runs on Ray (local or --ray-address auto); committed units survive a crash, so a
+    rerun embeds only what is missing.
+    """
     from mmstack.index.ann import AnnConfig
     from mmstack.index.builder import BuildConfig, build_collection
 
@@ -53,15 +67,14 @@ def build(
         tags=tuple(tag or ()),
         prune=prune,
     )
-    report = build_collection(
-        db,
-        [*(source or []), *(sources or [])],
-        model=model,
-        text_model=text_model,
-        cfg=cfg,
-        ann=AnnConfig(kind=ann),
-        rebuild=rebuild,
-    )
+    args = {"model": model, "text_model": text_model, "cfg": cfg, "ann": AnnConfig(kind=ann), "rebuild": rebuild}
+    if ray:
+        from mmstack.index.ray_embed import RayConfig, build_collection_ray
+
+        ray_cfg = RayConfig(address=ray_address, partitions=partitions, actors=ray_actors)
+        report = build_collection_ray(db, [*(source or []), *(sources or [])], ray_cfg=ray_cfg, **args)
+    else:
+        report = build_collection(db, [*(source or []), *(sources or [])], **args)
     emit({"db": db, **report.to_dict()}, as_json, render=_render_build)
 
 
@@ -69,6 +82,29 @@ def _render_build(result: dict[str, Any]) -> None:
     print_kv({k: v for k, v in result.items() if k != "skipped"}, title="index build")
     if result["skipped"]:
         print_rows(result["skipped"][:20], title=f"{len(result['skipped'])} skipped (unreadable)")
+
+
+@app.command()
+def migrate(
+    source: str = typer.Option(..., "--from", help="Collection to copy: a folder or qdrant://host:port/name."),
+    target: str = typer.Option(..., "--to", help="Where to copy it: qdrant://host:port/name or a folder."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite a target that already holds rows."),
+    hnsw_m: int = typer.Option(None, "--hnsw-m", help="Qdrant server target: HNSW graph degree (default 16)."),
+    hnsw_ef: int = typer.Option(None, "--hnsw-ef-construct", help="Qdrant server target: HNSW build beam (100)."),
+    payload_indexes: bool = typer.Option(
+        True, "--payload-indexes/--no-payload-indexes", help="Qdrant server target: index kind/source/tags/uid."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Copy a collection between the embedded store and Qdrant (either way): ids, vectors, payloads, text.
+
+    Example: mmstack index migrate --from photos.db --to qdrant://localhost:6333/photos --hnsw-m 32
+    """
+    from mmstack.index.migrate import QdrantTuning
+    from mmstack.index.migrate import migrate as run
+
+    tuning = QdrantTuning(m=hnsw_m, ef_construct=hnsw_ef, payload_indexes=payload_indexes)
+    emit(run(source, target, replace=replace, tuning=tuning).to_dict(), as_json)
 
 
 @app.command()

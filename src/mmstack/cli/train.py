@@ -1,6 +1,8 @@
-"""``mmstack train``: training recipes (``clip`` now; the bridge, native and alignment recipes later).
+"""``mmstack train``: training recipes (clip, llava, vq, native, reward, dpo, ppo).
 
-Extra arguments are dotted config overrides, ``--train.lr 1e-3`` or ``train.lr=1e-3``.
+Extra arguments are dotted config overrides, ``--train.lr 1e-3`` or ``train.lr=1e-3``. Every command takes
+``--max-steps`` and runs under ``torchrun --nproc_per_node N -m mmstack train ...`` (see the README's
+"Scaling out"); only rank 0 prints the result.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from mmstack.cli._common import JSON_OPTION, emit
+from mmstack.cli._common import JSON_OPTION
+from mmstack.cli.train_common import MAX_STEPS_OPTION, emit_main
 
 app = typer.Typer(help="Train models (recipes fill typed configs from configs/*.yaml).", no_args_is_help=True)
 
@@ -22,7 +25,7 @@ def clip(
     config: Path = typer.Option(..., "--config", help="Recipe YAML, e.g. configs/clip-demo.yaml."),
     data: Path = typer.Option(..., "--data", help="Training pairs: a folder with pairs.jsonl, .jsonl/.csv, tars."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (run files are kept inside)."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Override train.max_steps."),
+    max_steps: int = MAX_STEPS_OPTION,
     val: Path = typer.Option(None, "--val", help="Pairs to evaluate retrieval on after training."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's train_state if present."),
     as_json: bool = JSON_OPTION,
@@ -30,6 +33,8 @@ def clip(
     """Train a two-tower model (CLIP / SigLIP / SimCLR) and save it as a checkpoint folder.
 
     Example: mmstack train clip --config configs/clip-demo.yaml --data world/train --out models/clip --train.lr 2e-3
+
+    On N processes: torchrun --nproc_per_node N -m mmstack train clip ... (DDP; --train.parallel fsdp to shard).
     """
     _sleeping_openmp_threads()
     from mmstack.config import load_config, merge, parse_overrides
@@ -40,7 +45,7 @@ def clip(
         overrides = merge(overrides, {"train": {"max_steps": max_steps}})
     cfg = load_config(ClipRecipeConfig, _config_path(config), overrides=overrides)
     result = train_clip(cfg, data, out, val=val, resume=resume)
-    emit(result.as_dict(), as_json)
+    emit_main(result.as_dict(), as_json)
 
 
 def _sleeping_openmp_threads() -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import typer
 
-from mmstack.cli._common import JSON_OPTION, emit
+from mmstack.cli._common import JSON_OPTION
+from mmstack.cli.train_common import MAX_STEPS_OPTION, emit_main
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 MODEL_OPTION = typer.Option(None, "--model", help="Bridge VLM checkpoint to start from (sets model).")
@@ -34,7 +35,7 @@ def _load(cls: type, config: Path, ctx: typer.Context, **fields: Any):
             *parents, leaf = dotted.split(".")
             for part in parents:
                 cursor = cursor.setdefault(part, {})
-            cursor[leaf] = str(value)
+            cursor[leaf] = value if isinstance(value, int) else str(value)  # paths as text, --max-steps as is
             overrides = merge(overrides, node)
     if not config.exists():
         shipped = configs_dir() / (config.name if config.suffix else f"{config.name}.yaml")
@@ -50,6 +51,7 @@ def train_reward(
     val: Path = typer.Option(None, "--val", help="Held-out pairs for the pairwise accuracy (sets data.val)."),
     out: Path = OUT_OPTION,
     resume: bool = RESUME_OPTION,
+    max_steps: int = MAX_STEPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a multimodal reward model (bridge VLM + scalar head, Bradley-Terry loss).
@@ -59,8 +61,14 @@ def train_reward(
     from mmstack.train.align.reward import RewardRecipeConfig
     from mmstack.train.align.reward import train_reward as run
 
-    cfg = _load(RewardRecipeConfig, config, ctx, model=model, **{"data.train": data, "data.val": val})
-    emit(run(cfg, out, resume=resume), as_json)
+    cfg = _load(
+        RewardRecipeConfig,
+        config,
+        ctx,
+        model=model,
+        **{"data.train": data, "data.val": val, "train.max_steps": max_steps},
+    )
+    emit_main(run(cfg, out, resume=resume), as_json)
 
 
 def train_dpo(
@@ -73,6 +81,7 @@ def train_dpo(
     ),
     out: Path = OUT_OPTION,
     resume: bool = RESUME_OPTION,
+    max_steps: int = MAX_STEPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Align a bridge VLM with DPO against a frozen reference copy (cached reference log-probs).
@@ -82,8 +91,9 @@ def train_dpo(
     from mmstack.train.align.dpo import DpoRecipeConfig
     from mmstack.train.align.dpo import train_dpo as run
 
-    cfg = _load(DpoRecipeConfig, config, ctx, model=model, **{"data.train": data, "eval.data": eval_data})
-    emit(run(cfg, out, resume=resume), as_json)
+    fields = {"data.train": data, "eval.data": eval_data, "train.max_steps": max_steps}
+    cfg = _load(DpoRecipeConfig, config, ctx, model=model, **fields)
+    emit_main(run(cfg, out, resume=resume), as_json)
 
 
 def train_ppo(
@@ -97,6 +107,7 @@ def train_ppo(
     ),
     out: Path = OUT_OPTION,
     resume: bool = RESUME_OPTION,
+    max_steps: int = MAX_STEPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Align a bridge VLM with PPO against a reward model (KL penalty to the reference, value model, GAE).
@@ -107,9 +118,14 @@ def train_ppo(
     from mmstack.train.align.ppo import train_ppo as run
 
     cfg = _load(
-        PpoRecipeConfig, config, ctx, model=model, reward=reward, **{"data.train": data, "eval.data": eval_data}
+        PpoRecipeConfig,
+        config,
+        ctx,
+        model=model,
+        reward=reward,
+        **{"data.train": data, "eval.data": eval_data, "train.max_steps": max_steps},
     )
-    emit(run(cfg, out, resume=resume), as_json)
+    emit_main(run(cfg, out, resume=resume), as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import typer
 
-from mmstack.cli._common import JSON_OPTION, emit
+from mmstack.cli._common import JSON_OPTION
+from mmstack.cli.train_common import MAX_STEPS_OPTION, emit_main
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -22,6 +23,7 @@ def train_llava(
     stage: str = typer.Option("all", "--stage", help="0 (LM pretraining), 1 (connector), 2 (instructions) or all."),
     val: Path = typer.Option(None, "--val", help="Folder to evaluate VQA on after stage 2 (sets data.val)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue or reuse stages found in OUT."),
+    max_steps: int = MAX_STEPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a LLaVA-style bridge VLM in stages and save a checkpoint per stage.
@@ -36,8 +38,10 @@ def train_llava(
         overrides = merge(overrides, {"data": {"train": str(data)}})
     if val is not None:
         overrides = merge(overrides, {"data": {"val": str(val)}})
+    if max_steps is not None:
+        overrides = merge(overrides, {f"stage{s}": {"train": {"max_steps": max_steps}} for s in (0, 1, 2)})
     cfg = load_config(LlavaRecipeConfig, _config_path(config), overrides=overrides)
-    emit(train_llava(cfg, out, stage=stage, resume=resume), as_json)
+    emit_main(train_llava(cfg, out, stage=stage, resume=resume), as_json)
 
 
 def _config_path(path: Path) -> Path:

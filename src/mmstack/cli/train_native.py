@@ -9,7 +9,8 @@ from pathlib import Path
 
 import typer
 
-from mmstack.cli._common import JSON_OPTION, emit
+from mmstack.cli._common import JSON_OPTION
+from mmstack.cli.train_common import MAX_STEPS_OPTION, emit_main
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -20,7 +21,7 @@ def train_vq(
     data: Path = typer.Option(..., "--data", help="Training images: a shapes world (pairs.jsonl) or any pairs layout."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (run files are kept inside)."),
     val: Path = typer.Option(None, "--val", help="Images to measure reconstruction PSNR and codebook usage on."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Override train.max_steps."),
+    max_steps: int = MAX_STEPS_OPTION,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's train_state if present."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -32,7 +33,7 @@ def train_vq(
     from mmstack.train.vq import train_vq as run
 
     cfg = _load(VQRecipeConfig, config, ctx, max_steps)
-    emit(run(cfg, data, out, val=val, resume=resume).as_dict(), as_json)
+    emit_main(run(cfg, data, out, val=val, resume=resume).as_dict(), as_json)
 
 
 def train_native(
@@ -42,7 +43,7 @@ def train_native(
     data: Path = typer.Option(..., "--data", help="Training data: a shapes world (pairs, scenes, clips)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to write (run files are kept inside)."),
     val: Path = typer.Option(None, "--val", help="A shapes world to evaluate on after training."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Override train.max_steps."),
+    max_steps: int = MAX_STEPS_OPTION,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT's train_state if present."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -54,7 +55,7 @@ def train_native(
     from mmstack.train.native import train_native as run
 
     cfg = _load(NativeRecipeConfig, config, ctx, max_steps)
-    emit(run(cfg, data, tokenizer, out, val=val, resume=resume).as_dict(), as_json)
+    emit_main(run(cfg, data, tokenizer, out, val=val, resume=resume).as_dict(), as_json)
 
 
 def _load(cls, config: Path, ctx: typer.Context, max_steps: int | None):

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +25,12 @@ import torch
 
 from mmstack.config import to_dict
 from mmstack.errors import ConfigError, DataError
+from mmstack.train.checkpoint import RunInfo, RunResult, finish_run, work_dir
 from mmstack.train.clip_data import AugmentConfig, PairTensors, cached_pixels, scene_captions
 from mmstack.train.clip_task import ClipTask
-from mmstack.train.trainer import TrainConfig, Trainer, TrainSummary
-from mmstack.utils.atomic import atomic_dir
+from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
-
-RUN_FILES = ("metrics.jsonl", "train_config.json")
 
 
 @dataclass
@@ -219,48 +216,28 @@ def build_model(cfg: ClipRecipeConfig, captions: list[list[str]]):
 
 
 def build_task(model: Any, cfg: ClipRecipeConfig) -> ClipTask:
+    """The contrastive task; under torch.distributed its losses gather features from every rank with
+    gradients (open_clip's local loss + gather-with-grad), so the loss is the global batch's."""
     from mmstack.models.losses import ClipLoss, NTXentLoss, SigLipLoss
+    from mmstack.train.sampler import DistInfo
 
     loss = cfg.loss
+    dist = DistInfo.from_env()
+    ranks = {"rank": dist.rank, "world_size": dist.world_size}
     hn = {"hard_negative_beta": loss.hard_negative_beta, "hard_negative_topk": loss.hard_negative_topk}
-    pair = {"clip": lambda: ClipLoss(cache_labels=True, **hn), "siglip": lambda: SigLipLoss(**hn)}
+    pair = {
+        "clip": lambda: ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, **ranks, **hn),
+        "siglip": lambda: SigLipLoss(**ranks, **hn),
+    }
     pair_loss = pair[loss.type]() if loss.type in pair else None
     views = loss.type == "simclr" or loss.simclr_weight > 0
-    ntxent = NTXentLoss(temperature=loss.simclr_temperature) if views else None
+    ntxent = NTXentLoss(temperature=loss.simclr_temperature, **ranks) if views else None
     return ClipTask(
         model, pair_loss, ntxent, loss.simclr_weight, text_buckets=cfg.data.text_buckets, scale_lr=loss.scale_lr
     )
 
 
 # -------------------------------------------------------------------------------------------- recipe
-
-
-@dataclass
-class ClipRunResult:
-    """What ``train_clip`` returns (and ``mmstack train clip --json`` prints)."""
-
-    out: str
-    summary: TrainSummary
-    parameters: int
-    prepare_s: float
-    total_s: float
-    val: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        s = self.summary
-        return {
-            "out": self.out,
-            "steps": s.steps,
-            "start_step": s.start_step,
-            "train_s": round(s.seconds, 2),
-            "prepare_s": round(self.prepare_s, 2),
-            "total_s": round(self.total_s, 2),
-            "samples_per_s": round(s.samples_per_s, 1),
-            "final_loss": s.final_loss,
-            "temperature": s.last_metrics.get("temperature"),
-            "parameters": self.parameters,
-            "val": self.val,
-        }
 
 
 def train_clip(
@@ -270,7 +247,7 @@ def train_clip(
     val: str | Path | None = None,
     resume: bool = True,
     stop_after: int | None = None,
-) -> ClipRunResult:
+) -> RunResult:
     """Train per ``cfg`` on the pairs in ``data``; write the checkpoint folder ``out``; evaluate on ``val``.
 
     ``stop_after`` ends the run after that many steps with the schedule of the full run, keeping only the
@@ -285,21 +262,14 @@ def train_clip(
     model = build_model(cfg, captions)
     dataset = build_dataset(model.processor, images, captions, cfg)
     run_config = {**to_dict(cfg), "data_path": str(Path(data).resolve()), "tokenizer_sha": _tokenizer_hash(model)}
-    work = _work_dir(out)
+    work = work_dir(out)
     trainer = Trainer(build_task(model, cfg), dataset, cfg.train, work, run_config=run_config, resume=resume)
     prepare_s = time.perf_counter() - t0
     summary = trainer.fit(stop_at_step=stop_after)
-    n_params = model.num_parameters()
-    if summary.steps < cfg.train.max_steps:
-        return ClipRunResult(str(work), summary, n_params, prepare_s, time.perf_counter() - t0)
-    metrics = evaluate_retrieval(model, val, cfg.eval_batch_size) if val is not None else None
-    result = ClipRunResult(str(out), summary, n_params, prepare_s, time.perf_counter() - t0, metrics)
-    card = {
-        "training": {"recipe": "mmstack train clip", "config": run_config, "summary": result.as_dict()},
-        "metrics": {"val": metrics} if metrics else {},
-    }
-    save_checkpoint(model, out, work, card)
-    return result
+    run = RunInfo("mmstack train clip", out, work, run_config, cfg.train.max_steps, t0, prepare_s, ("temperature",))
+    return finish_run(
+        model, summary, run, lambda: evaluate_retrieval(model, val, cfg.eval_batch_size) if val is not None else None
+    )
 
 
 def finished_checkpoint(out: str | Path, cfg: ClipRecipeConfig, data: str | Path) -> dict[str, Any] | None:
@@ -332,37 +302,3 @@ def evaluate_retrieval(model: Any, data: str | Path, batch_size: int = 512) -> d
 def _tokenizer_hash(model: Any) -> str:
     vocab = model.processor.tokenizer.get_vocab()
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
-
-
-def _work_dir(out: Path) -> Path:
-    """Run files (state, metrics) live in ``out`` once it is a checkpoint, else beside it until the end."""
-    return out if (out / "train_state").is_dir() else out.parent / f".{out.name}.run"
-
-
-def save_checkpoint(model: Any, out: Path, work: Path, card: dict[str, Any]) -> None:
-    """Write the checkpoint folder ``out`` atomically: ``save_pretrained`` files plus the run files.
-
-    The run files are hard-linked (copied across file systems) from ``work`` so a crash while saving
-    never loses the training state.
-    """
-    with atomic_dir(out) as tmp:
-        model_dir = tmp / "model"
-        model.save_pretrained(model_dir, card=card)
-        for item in model_dir.iterdir():
-            os.replace(item, tmp / item.name)
-        model_dir.rmdir()
-        for name in RUN_FILES:
-            if (work / name).is_file():
-                shutil.copy2(work / name, tmp / name)
-        if (work / "train_state").is_dir():
-            shutil.copytree(work / "train_state", tmp / "train_state", copy_function=_link_or_copy)
-    if work != out:
-        shutil.rmtree(work, ignore_errors=True)
-    console.print(f"saved checkpoint {out}")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

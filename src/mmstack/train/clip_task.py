@@ -112,7 +112,7 @@ class ClipTask(Task):
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         """Forward + backward of one optimiser step; the loss always sees every chunk's features."""
         if len(micro_batches) == 1:
-            loss = self.full_loss(self.features(micro_batches[0]))
+            loss = self.forward_pass(lambda b: self.full_loss(self.features(b)), micro_batches[0])
             loss.backward()
         else:
             loss = self._cached_step(micro_batches)
@@ -120,15 +120,19 @@ class ClipTask(Task):
 
     def _cached_step(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         with torch.no_grad():
-            cache = [self.features(b) for b in micro_batches]
+            cache = [self.forward_pass(self.features, b) for b in micro_batches]
         loss = None
         for j, batch in enumerate(micro_batches):
-            fresh = self.features(batch)
-            merged = {k: torch.cat([fresh[k] if i == j else c[k] for i, c in enumerate(cache)]) for k in fresh}
-            chunk_loss = self.full_loss(merged, with_scale_grad=j == 0)
+            chunk_loss = self.forward_pass(self._chunk_loss, j, batch, cache)
             chunk_loss.backward()
             loss = chunk_loss if loss is None else loss
         return loss
+
+    def _chunk_loss(self, j: int, batch: dict[str, Any], cache: list[Features]) -> torch.Tensor:
+        """The full-batch loss with chunk ``j``'s features recomputed with gradients."""
+        fresh = self.features(batch)
+        merged = {k: torch.cat([fresh[k] if i == j else c[k] for i, c in enumerate(cache)]) for k in fresh}
+        return self.full_loss(merged, with_scale_grad=j == 0)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """The model's groups, with the logit scale/bias in a group of their own when ``scale_lr`` is set."""

@@ -32,11 +32,11 @@ from mmstack.errors import ConfigError, ModelError
 from mmstack.models.bridge import BridgeModel, _quiet_transformers, count_parameters
 from mmstack.models.connectors import ConnectorConfig
 from mmstack.processing.bridge_processor import BridgeProcessor
+from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.llava_data import DESCRIBE, FolderData, SourceSpec, VlmBatches
 from mmstack.train.optim import default_param_groups
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
-from mmstack.utils.atomic import atomic_write_json
 from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
 
@@ -333,7 +333,7 @@ def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) ->
         console.print(f"stage {s}: config or earlier stage changed; retraining from scratch")
         shutil.rmtree(run / "train_state", ignore_errors=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)
-        done.unlink()
+        done.unlink(missing_ok=True)  # another rank may have removed it first
     t0 = time.perf_counter()
     seed_everything(stage.train.seed)
     model = _initial_model(cfg, s, out)
@@ -359,10 +359,7 @@ def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) ->
         from mmstack.eval.vqa import evaluate_vqa
 
         result["val"] = evaluate_vqa(model, cfg.data.val, limit=cfg.data.val_limit or None)
-    model.save_pretrained(
-        run / "model", card={"training": {**run_config, "summary": result}, "eval": result.get("val")}
-    )
-    atomic_write_json(done, {"key": key, "summary": result})
+    save_finished_run(model, run, run_config, key, result, eval_key="val")
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +25,10 @@ from mmstack.eval.native import NativeEvalConfig, evaluate_native
 from mmstack.models.native import NativeConfig, NativeModel
 from mmstack.models.vq import VQModel
 from mmstack.processing.native_tokens import TASKS, NativeVocab
+from mmstack.train.checkpoint import RunInfo, RunResult, finish_run, work_dir
 from mmstack.train.native_data import NativeData, NativeRecords, read_native_data, tokenize_visuals, vq_fingerprint
 from mmstack.train.task import Task
-from mmstack.train.trainer import TrainConfig, Trainer, TrainSummary
-from mmstack.train.vq import work_dir
+from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.seeding import seed_everything
 
 
@@ -162,35 +161,6 @@ def build_dataset(cfg: NativeRecipeConfig, model: NativeModel, records: NativeRe
     )
 
 
-@dataclass
-class NativeRunResult:
-    """What ``train_native`` returns (and ``mmstack train native --json`` prints)."""
-
-    out: str
-    summary: TrainSummary
-    parameters: int
-    prepare_s: float
-    total_s: float
-    val: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        s = self.summary
-        return {
-            "out": self.out,
-            "steps": s.steps,
-            "start_step": s.start_step,
-            "train_s": round(s.seconds, 2),
-            "prepare_s": round(self.prepare_s, 2),
-            "total_s": round(self.total_s, 2),
-            "samples_per_s": round(s.samples_per_s, 1),
-            "final_loss": s.final_loss,
-            "loss_text": s.last_metrics.get("loss_text"),
-            "loss_image": s.last_metrics.get("loss_image"),
-            "parameters": self.parameters,
-            "val": self.val,
-        }
-
-
 def train_native(
     cfg: NativeRecipeConfig,
     data: str | Path,
@@ -199,10 +169,8 @@ def train_native(
     val: str | Path | None = None,
     resume: bool = True,
     stop_after: int | None = None,
-) -> NativeRunResult:
+) -> RunResult:
     """Train per ``cfg`` on ``data`` with the VQ tokenizer at ``tokenizer``; write ``out``; evaluate on ``val``."""
-    from mmstack.train.clip import save_checkpoint
-
     t0 = time.perf_counter()
     out = Path(out)
     if cfg.train.threads:
@@ -216,22 +184,18 @@ def train_native(
     dataset = build_dataset(cfg, model, records, codes)
     run_config = {**to_dict(cfg), "data_path": str(Path(data).resolve()), "vq": vq_fingerprint(vq)}
     task = NativeTask(model, cfg.loss.text, cfg.loss.image)
-    trainer = Trainer(task, dataset, cfg.train, work_dir(out), run_config=run_config, resume=resume)
+    work = work_dir(out)
+    trainer = Trainer(task, dataset, cfg.train, work, run_config=run_config, resume=resume)
     prepare_s = time.perf_counter() - t0
     summary = trainer.fit(stop_at_step=stop_after)
-    n_params = model.num_parameters()
-    if summary.steps < cfg.train.max_steps:
-        return NativeRunResult(str(work_dir(out)), summary, n_params, prepare_s, time.perf_counter() - t0)
-    metrics = None
-    if val is not None:
-        metrics = evaluate_native(model, val, cfg.eval, cfg.data.clip_frames)
-    result = NativeRunResult(str(out), summary, n_params, prepare_s, time.perf_counter() - t0, metrics)
-    card = {
-        "training": {"recipe": "mmstack train native", "config": run_config, "summary": result.as_dict()},
-        "metrics": {"val": metrics} if metrics else {},
-    }
-    save_checkpoint(model, out, work_dir(out), card)
-    return result
+    keys = ("loss_text", "loss_image")
+    run = RunInfo("mmstack train native", out, work, run_config, cfg.train.max_steps, t0, prepare_s, keys)
+    return finish_run(
+        model,
+        summary,
+        run,
+        lambda: evaluate_native(model, val, cfg.eval, cfg.data.clip_frames) if val is not None else None,
+    )
 
 
 def _cache_dir(cfg: NativeRecipeConfig) -> Path:

@@ -3,6 +3,8 @@
 The trainer owns the loop (data order, optimiser, schedule, checkpoints, logging); the task owns one
 optimiser step's forward and backward passes. ``Task`` does plain gradient accumulation; recipes whose loss
 couples the samples of a batch (contrastive losses) override ``train_step`` (see ``mmstack.train.clip_task``).
+Every pass that touches the trained parameters runs through ``forward_pass``, which under torch.distributed
+goes through the DDP/FSDP wrapper (``mmstack.train.distributed``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class Task:
         self.model = model
         self.loss_fn = loss_fn
         self.precision = "fp32"
+        self.parallel: Callable[..., Any] | None = None  # set by the trainer under torch.distributed
+
+    def forward_pass(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args)``, one forward pass whose outputs the next ``backward`` follows.
+
+        Under DDP/FSDP it runs inside the wrapper, so gradients are all-reduced (DDP) or parameters gathered
+        (FSDP). Compute everything that uses trained parameters, the loss included, in one call.
+        """
+        if self.parallel is None:
+            return fn(*args, **kwargs)
+        return self.parallel(fn, *args, **kwargs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for forward passes when the trainer runs in ``precision="bf16"``."""
@@ -59,7 +72,7 @@ class Task:
         total, extra = 0.0, {}
         for batch in micro_batches:
             with self.autocast():
-                loss, metrics = self.loss(batch)
+                loss, metrics = self.forward_pass(self.loss, batch)
             (loss / n).backward()
             total += float(loss.detach()) / n
             extra = metrics

@@ -8,8 +8,9 @@ takes): recipes index pre-built tensors, so a step costs no Python per sample. T
 ``train_config.json`` (the resolved config), ``metrics.jsonl`` (one line per log step) and ``train_state/``
 (model, optimiser, scheduler, RNG states, step), written atomically every ``save_every`` steps and at the
 end; a later ``fit`` in the same folder resumes from it and, on CPU, ends bit-identical to an uninterrupted
-run. Written for torch.distributed: the sampler slices each global batch by rank and only the main rank
-writes; wrapping the model for gradient all-reduce is left to the multi-process issue.
+run. Under torchrun (``WORLD_SIZE > 1``) the trainer starts the process group, wraps the model in DDP (or FSDP,
+``train.parallel``; see ``mmstack.train.distributed``), the sampler gives each rank its slice of the same global
+batch, the logged loss is the mean over ranks, and only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from rich.progress import TextColumn
 
 from mmstack.config import to_dict
-from mmstack.errors import ConfigError
+from mmstack.errors import ConfigError, ModelError
+from mmstack.train.distributed import PARALLEL_MODES, Parallel, barrier, init_distributed, mean_over_ranks
 from mmstack.train.optim import build_optimizer, build_scheduler
 from mmstack.train.sampler import DistInfo, StepSampler
 from mmstack.train.state import load_state, rng_state, save_state, set_rng_state
@@ -36,7 +38,7 @@ from mmstack.utils.progress import console, make_progress
 from mmstack.utils.seeding import seed_everything
 
 # Keys that may change between a run and its resumption (they do not change what a step computes).
-RESUMABLE_CHANGES = ("max_steps", "log_every", "save_every", "threads")
+RESUMABLE_CHANGES = ("max_steps", "log_every", "save_every", "threads", "parallel")
 
 
 @dataclass
@@ -44,7 +46,9 @@ class TrainConfig:
     """Optimisation and bookkeeping of one training run.
 
     ``batch_size`` is the global batch of one optimiser step; it is split into ``accum_steps`` chunks
-    (and, under torch.distributed, among ranks).
+    (and, under torch.distributed, among ranks). ``parallel``: how several processes train one model,
+    ``ddp`` (replicas, gradients averaged), ``fsdp`` (parameters, gradients and optimiser state sharded) or
+    ``none``; a single process ignores it.
     """
 
     lr: float = 1e-3
@@ -62,6 +66,7 @@ class TrainConfig:
     save_every: int = 0
     seed: int = 0
     threads: int = 0
+    parallel: Literal["ddp", "fsdp", "none"] = "ddp"
 
     def __post_init__(self) -> None:
         positive = {
@@ -84,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be in [0, 1), got {list(self.betas)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.batch_size % self.accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be divisible by train.accum_steps={self.accum_steps}"
@@ -122,7 +129,7 @@ class Trainer:
         cfg: the optimisation config.
         out_dir: run folder (metrics, resolved config, ``train_state/``).
         run_config: the full resolved config to save with the run and to check on resume (default: ``cfg``).
-        dist: rank and world size (default: from the torchrun environment).
+        dist: rank and world size (default: from the torchrun environment, starting the process group).
         resume: continue from ``out_dir/train_state`` when present.
         on_step_end: optional ``fn(step, metrics)`` called after each step (hooks, tests).
     """
@@ -142,10 +149,13 @@ class Trainer:
         self.task, self.data, self.cfg = task, data, cfg
         self.out = Path(out_dir)
         self.run_config = run_config if run_config is not None else {"train": to_dict(cfg)}
-        self.dist = dist or DistInfo.from_env()
+        self.dist = dist or init_distributed()
         self.resume, self.on_step_end = resume, on_step_end
         self.sampler = StepSampler(len(data), cfg.batch_size, cfg.seed, self.dist)
         task.precision = cfg.precision
+        # wrap before building the optimiser: FSDP replaces the parameters with sharded ones
+        self.parallel = Parallel(task.model, cfg.parallel, self.dist)
+        task.parallel = self.parallel if self.parallel.mode != "none" else None
         self.optimizer = build_optimizer(task.param_groups(cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         self.step = 0
@@ -179,6 +189,8 @@ class Trainer:
                     self.on_step_end(self.step, metrics)
         seconds = time.perf_counter() - t_run  # the loop only: the final save is bookkeeping
         self._save()
+        self.parallel.unwrap()
+        barrier()  # every rank goes on once rank 0 has written the state
         return self._summary(start, seconds, n_run, last_row)
 
     def _train_one_step(self) -> tuple[dict[str, float], int]:
@@ -186,7 +198,15 @@ class Trainer:
         chunks = torch.tensor_split(indices, self.cfg.accum_steps)
         micro = [self.data.batch(c) for c in chunks]
         self.optimizer.zero_grad(set_to_none=True)
+        calls = self.parallel.calls
         metrics = dict(self.task.train_step(micro))
+        if self.parallel.mode != "none" and self.parallel.calls == calls:
+            raise ModelError(
+                f"{type(self.task).__name__}.train_step ran no pass through Task.forward_pass, so "
+                f"{self.parallel.mode} would not synchronise gradients; wrap the task's forward passes in it"
+            )
+        self.parallel.sync_gradients()
+        metrics["loss"] = mean_over_ranks(metrics["loss"])
         if self.cfg.grad_clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
@@ -195,15 +215,17 @@ class Trainer:
         self.scheduler.step()
         self.task.after_step()
         self.step += 1
-        return metrics, len(indices)
+        return metrics, len(indices) * self.dist.world_size  # the global batch: every rank takes a slice
 
     # ------------------------------------------------------------------------------------ bookkeeping
 
     def _start(self) -> int:
         """Resume from ``train_state/`` when present, else seed and start a fresh run; returns the start step."""
-        state = load_state(self.out) if self.resume else None
+        # rank 0 reads the state and sends it to the others, so their folders need not hold it (another node)
+        state = load_state(self.out) if self.resume and self.dist.is_main else None
+        state = _broadcast_object(state)
         if state is None:
-            seed_everything(self.cfg.seed)
+            seed_everything(self.cfg.seed + self.dist.rank)  # ranks draw their own dropout masks
             self.step = 0
         else:
             self._restore(state)
@@ -214,15 +236,23 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         _check_same_run(state.get("run_config", {}), self.run_config, self.out)
-        self.task.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_format = state.get("state_format", "plain")
+        if saved_format != self.parallel.state_format:
+            raise ConfigError(
+                f"{self.out / 'train_state'} holds {saved_format} optimiser state; this run keeps "
+                f"{self.parallel.state_format} state; resume with the train.parallel it was written with"
+            )
+        self.parallel.load(self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        rng = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
         self.step = int(state["step"])
         if self.dist.is_main:
             console.print(f"resuming from {self.out / 'train_state'} at step {self.step}")
 
     def _save(self) -> None:
+        model_state, optim_state = self.parallel.state(self.optimizer)  # a collective under FSDP
+        rngs = _gather_objects(rng_state())
         if not self.dist.is_main:
             return
         save_state(
@@ -230,10 +260,12 @@ class Trainer:
             {
                 "step": self.step,
                 "epoch": self.sampler.epoch_of(self.step),
-                "model": self.task.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optim_state,
+                "state_format": self.parallel.state_format,
                 "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rngs[0],
+                "rng_ranks": rngs if len(rngs) > 1 else None,
                 "run_config": json.loads(json.dumps(self.run_config, default=str)),
             },
         )
@@ -298,6 +330,28 @@ class _ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -26,8 +26,9 @@ from mmstack.config import to_dict
 from mmstack.errors import DataError
 from mmstack.eval.native import evaluate_reconstruction
 from mmstack.models.vq import VQConfig, VQModel
+from mmstack.train.checkpoint import RunInfo, RunResult, finish_run, work_dir
 from mmstack.train.task import Task
-from mmstack.train.trainer import TrainConfig, Trainer, TrainSummary
+from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.seeding import seed_everything
 
 
@@ -113,33 +114,6 @@ def load_pixels(paths: list[Path], size: int, cache_dir: str | None) -> torch.Te
 # -------------------------------------------------------------------------------------------- recipe
 
 
-@dataclass
-class VQRunResult:
-    """What ``train_vq`` returns (and ``mmstack train vq --json`` prints)."""
-
-    out: str
-    summary: TrainSummary
-    parameters: int
-    prepare_s: float
-    total_s: float
-    val: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        s = self.summary
-        return {
-            "out": self.out,
-            "steps": s.steps,
-            "start_step": s.start_step,
-            "train_s": round(s.seconds, 2),
-            "prepare_s": round(self.prepare_s, 2),
-            "total_s": round(self.total_s, 2),
-            "samples_per_s": round(s.samples_per_s, 1),
-            "final_loss": s.final_loss,
-            "parameters": self.parameters,
-            "val": self.val,
-        }
-
-
 def train_vq(
     cfg: VQRecipeConfig,
     data: str | Path,
@@ -147,11 +121,9 @@ def train_vq(
     val: str | Path | None = None,
     resume: bool = True,
     stop_after: int | None = None,
-) -> VQRunResult:
+) -> RunResult:
     """Train the tokenizer per ``cfg`` on the images of ``data``; write the checkpoint ``out``; evaluate on
     ``val`` (a pairs folder). ``stop_after`` stops early keeping the full schedule (a later call resumes)."""
-    from mmstack.train.clip import save_checkpoint
-
     t0 = time.perf_counter()
     out = Path(out)
     if cfg.train.threads:
@@ -168,21 +140,11 @@ def train_vq(
     trainer = Trainer(VQTask(model), PixelData(pixels), cfg.train, work, run_config=run_config, resume=resume)
     prepare_s = time.perf_counter() - t0
     summary = trainer.fit(stop_at_step=stop_after)
-    if summary.steps < cfg.train.max_steps:
-        return VQRunResult(str(work), summary, model.num_parameters(), prepare_s, time.perf_counter() - t0)
-    metrics = None
-    if val is not None:
-        val_pixels = load_pixels(image_paths(val, clips=False), size, cfg.data.cache_dir)
-        metrics = evaluate_reconstruction(model, val_pixels)
-    result = VQRunResult(str(out), summary, model.num_parameters(), prepare_s, time.perf_counter() - t0, metrics)
-    card = {
-        "training": {"recipe": "mmstack train vq", "config": run_config, "summary": result.as_dict()},
-        "metrics": {"val": metrics} if metrics else {},
-    }
-    save_checkpoint(model, out, work, card)
-    return result
 
+    def evaluate() -> dict[str, Any] | None:
+        if val is None:
+            return None
+        return evaluate_reconstruction(model, load_pixels(image_paths(val, clips=False), size, cfg.data.cache_dir))
 
-def work_dir(out: Path) -> Path:
-    """Run files live in ``out`` once it is a checkpoint, else beside it until the end (as the CLIP recipe)."""
-    return out if (out / "train_state").is_dir() else out.parent / f".{out.name}.run"
+    run = RunInfo("mmstack train vq", out, work, run_config, cfg.train.max_steps, t0, prepare_s)
+    return finish_run(model, summary, run, evaluate)

@@ -151,4 +151,4 @@ def restart_if_changed(out: Path, key: str) -> None:
     if done.is_file() and json.loads(done.read_text()).get("key") != key:
         shutil.rmtree(Path(out) / "train_state", ignore_errors=True)
         (Path(out) / "metrics.jsonl").unlink(missing_ok=True)
-        done.unlink()
+        done.unlink(missing_ok=True)  # another rank may have removed it first

@@ -32,13 +32,13 @@ from mmstack.train.align.common import (
     fingerprint,
     finished_run,
     frozen_reference,
-    mark_finished,
     merge_lora,
     require_bridge,
     restart_if_changed,
     run_key,
 )
 from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
+from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.atomic import atomic_write_bytes
@@ -238,8 +238,5 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
         from mmstack.eval.alignment import compare
 
         summary["eval"] = {"before": before, "after": after, "change": compare(before, after)}
-    policy.save_pretrained(
-        out / "model", card={"training": {**run_config, "summary": summary}, "eval": summary.get("eval")}
-    )
-    mark_finished(out, key, summary)
+    save_finished_run(policy, out, run_config, key, summary, eval_key="eval")
     return summary

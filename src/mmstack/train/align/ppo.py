@@ -43,7 +43,6 @@ from mmstack.train.align.common import (
     fingerprint,
     finished_run,
     frozen_reference,
-    mark_finished,
     merge_lora,
     require_bridge,
     restart_if_changed,
@@ -52,6 +51,7 @@ from mmstack.train.align.common import (
 from mmstack.train.align.data import PromptBatches, load_preferences
 from mmstack.train.align.dpo import EvalSection, evaluate_policy
 from mmstack.train.align.rollout import Samples, response_logps, response_values, sample, score_responses
+from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.progress import console
@@ -199,12 +199,12 @@ class PpoTask(Task):
 
     def train_step(self, micro_batches: list[Any]) -> dict[str, float]:
         if not self.buffer or self.updates % self.cfg.epochs == 0:
-            self.buffer = [self.rollout(b) for b in micro_batches]
+            self.buffer = [self.forward_pass(self.rollout, b) for b in micro_batches]
         n = len(self.buffer)
         total, metrics = 0.0, {}
         for r in self.buffer:
             with self.autocast():
-                loss, metrics = self.update_loss(r)
+                loss, metrics = self.forward_pass(self.update_loss, r)
             (loss / n).backward()
             total += float(loss.detach()) / n
         self.updates += 1
@@ -275,8 +275,5 @@ def train_ppo(cfg: PpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
         from mmstack.eval.alignment import compare
 
         summary["eval"] = {"before": before, "after": after, "change": compare(before, after)}
-    policy.save_pretrained(
-        out / "model", card={"training": {**run_config, "summary": summary}, "eval": summary.get("eval")}
-    )
-    mark_finished(out, key, summary)
+    save_finished_run(policy, out, run_config, key, summary, eval_key="eval")
     return summary

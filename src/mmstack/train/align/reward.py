@@ -28,13 +28,13 @@ from mmstack.train.align.common import (
     apply_trainable,
     fingerprint,
     finished_run,
-    mark_finished,
     merge_lora,
     require_bridge,
     restart_if_changed,
     run_key,
 )
 from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
+from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.progress import console
@@ -116,8 +116,5 @@ def train_reward(cfg: RewardRecipeConfig, out: str | Path, resume: bool = True) 
         from mmstack.eval.alignment import pairwise_accuracy
 
         summary["val"] = pairwise_accuracy(model, cfg.data.val, kinds=cfg.data.kinds, limit=cfg.data.val_limit)
-    model.save_pretrained(
-        out / "model", card={"training": {**run_config, "summary": summary}, "eval": summary.get("val")}
-    )
-    mark_finished(out, key, summary)
+    save_finished_run(model, out, run_config, key, summary, eval_key="val")
     return summary
