@@ -3,11 +3,22 @@
 A real ``mmstack serve`` process on 127.0.0.1 (demo-sized random models: a 64 px two-tower and a bridge
 VLM) is driven by closed-loop clients (each sends its next request when the last one is answered) at 1,
 8 and 32 concurrent clients, for embeddings (one text, or one 64 px image, per request) and chat (one
-64 px image; 16 or 64 new tokens, greedy). The same run measures batching on (``max_batch_size`` 32, ``max_wait_ms`` 5) and off
-(``max_batch_size`` 1). Targets: >= 4x throughput at 32 clients with batching; p99 at 32 clients within
-2x of (the single-client latency + the max wait). Overload: 2x ``max_queue`` clients hammer the server;
-every request is either answered (200) or refused at once (429), none is lost or fails otherwise, and the
-server's memory stays bounded.
+64 px image; 16 or 64 new tokens, greedy; ``chat_mixed``: half the clients ask for 16 tokens, half for
+64, and ``p99_short_ms`` is the p99 of the short ones). The same run measures batching on
+(``max_batch_size`` 32, ``max_wait_ms`` 5; chat batched continuously: requests join the running
+generation at each step), off (``max_batch_size`` 1), and for chat also whole-batch batching
+(``continuous: false``: a batch runs to its end before the next starts), to show what continuous batching
+changes. One server per config runs the whole time and the configs take turns at each level, so that
+they are compared under the same machine load.
+
+Targets: >= 4x throughput at 32 clients with batching; p99 at 32 clients within 2x of (the single-request
+latency + the max wait), where the single-request latency is the p50 at 1 client with batching off. Each
+level also reports the bound, the mean latency that Little's law forces at the measured throughput
+(clients / throughput: no server at that throughput can have a lower mean), the server's CPU time per
+request and the mean batch size by operation. ``model_costs`` times the models alone (one torch thread)
+per item at batch 1 and 32, which caps what batching can gain. Overload: 2x ``max_queue`` clients hammer
+the server; every request is either answered (200) or refused at once (429), none is lost or fails
+otherwise, and the server's memory stays bounded.
 
 Every loop is bounded in count and in time, and all traffic goes to the loopback interface.
 """
@@ -16,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -99,6 +111,11 @@ class _Server:
                 time.sleep(0.2)
         raise RuntimeError("server did not start within 120 s")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -120,22 +137,24 @@ def _image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-KINDS = ("embeddings", "image_embeddings", "chat_16", "chat_64")
-CHAT_TOKENS = {"chat_16": 16, "chat_64": 64}
+KINDS = ("embeddings", "image_embeddings", "chat_16", "chat_64", "chat_mixed")
+# chat_mixed: even-numbered clients ask for 16 tokens, odd ones for 64 (short requests behind long ones).
+CHAT_TOKENS = {"chat_16": (16,), "chat_64": (64,), "chat_mixed": (16, 64)}
 
 
-def _bodies(kind: str, image: str) -> dict[str, Any]:
+def _bodies(kind: str, image: str) -> list[dict[str, Any]]:
+    """The request bodies of a workload; client ``i`` sends body ``i % len(bodies)``."""
     if kind == "embeddings":
-        return {"model": "clip", "input": "a red circle left of a blue square", "encoding_format": "float"}
+        return [{"model": "clip", "input": "a red circle left of a blue square", "encoding_format": "float"}]
     if kind == "image_embeddings":
-        return {"model": "clip", "images": [image], "encoding_format": "float"}
+        return [{"model": "clip", "images": [image], "encoding_format": "float"}]
     content = [
         {"type": "text", "text": "what colour is the circle ?"},
         {"type": "image_url", "image_url": {"url": image}},
     ]
     # ignore_eos: every answer is exactly max_tokens long, so runs with and without batching compare.
     messages = [{"role": "user", "content": content}]
-    return {"model": "vlm", "messages": messages, "max_tokens": CHAT_TOKENS[kind], "ignore_eos": True}
+    return [{"model": "vlm", "messages": messages, "max_tokens": n, "ignore_eos": True} for n in CHAT_TOKENS[kind]]
 
 
 class _Connection:
@@ -177,41 +196,47 @@ class _Connection:
 
 
 async def _load(port: int, kind: str, clients: int, seconds: float, max_requests: int, image: str) -> dict[str, Any]:
-    """Closed-loop clients for ``seconds`` (or ``max_requests`` in all): throughput and latency percentiles."""
+    """Closed-loop clients for ``seconds`` (or ``max_requests`` in all): throughput and latency percentiles
+    (with several bodies, also the p99 of the requests that send the first, shortest one)."""
     path = "/v1/chat/completions" if kind.startswith("chat") else "/v1/embeddings"
-    body = json.dumps(_bodies(kind, image)).encode()
-    latencies: list[float] = []
+    bodies = [json.dumps(b).encode() for b in _bodies(kind, image)]
+    latencies: list[list[float]] = [[] for _ in bodies]
     statuses: dict[int, int] = {}
     conns = [_Connection(port) for _ in range(clients)]
-    await asyncio.gather(*(c.post(path, body) for c in conns))  # warm-up (connections, model paths), not measured
+    # Warm-up (connections, model paths), not measured.
+    await asyncio.gather(*(c.post(path, bodies[i % len(bodies)]) for i, c in enumerate(conns)))
     t_end = time.perf_counter() + seconds
 
-    async def worker(conn: _Connection) -> None:
-        while time.perf_counter() < t_end and len(latencies) < max_requests:
+    async def worker(i: int, conn: _Connection) -> None:
+        while time.perf_counter() < t_end and sum(map(len, latencies)) < max_requests:
             t0 = time.perf_counter()
-            status, _ = await conn.post(path, body)
+            status, _ = await conn.post(path, bodies[i % len(bodies)])
             statuses[status] = statuses.get(status, 0) + 1
             if status == 200:
-                latencies.append(time.perf_counter() - t0)
+                latencies[i % len(bodies)].append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
+    await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
     wall = time.perf_counter() - t0
     for conn in conns:
         conn.close()
-    return {
-        "requests": len(latencies),
-        "throughput_rps": round(len(latencies) / wall, 2),
-        "p50_ms": round(1000 * percentile(latencies, 50), 1),
-        "p99_ms": round(1000 * percentile(latencies, 99), 1),
+    every = [x for lat in latencies for x in lat]
+    out = {
+        "requests": len(every),
+        "throughput_rps": round(len(every) / wall, 2),
+        "p50_ms": round(1000 * percentile(every, 50), 1),
+        "p99_ms": round(1000 * percentile(every, 99), 1),
         "statuses": statuses,
     }
+    if len(bodies) > 1 and latencies[0]:
+        out["p99_short_ms"] = round(1000 * percentile(latencies[0], 99), 1)
+    return out
 
 
 async def _overload(port: int, clients: int, seconds: float, image: str) -> dict[str, Any]:
     """``clients`` closed-loop chat clients at once; counts answered, refused (429) and anything else."""
     counts = {"ok": 0, "refused_429": 0, "other": 0, "bad_answers": 0}
-    body = json.dumps(_bodies("chat_16", image)).encode()
+    body = json.dumps(_bodies("chat_16", image)[0]).encode()
     t_end = time.perf_counter() + seconds
 
     async def worker() -> None:
@@ -237,31 +262,100 @@ async def _overload(port: int, clients: int, seconds: float, image: str) -> dict
     return counts
 
 
-def _batch_totals(url: str) -> tuple[float, float, float]:
-    """(batches, items, seconds in batches) so far, summed over models and ops, from /metrics."""
+def _batch_totals(url: str) -> dict[str, list[float]]:
+    """op -> [batches, items, seconds in batches] so far, summed over models, from /metrics."""
     import httpx
 
-    totals = [0.0, 0.0, 0.0]
+    names = ("mmstack_batch_size_count", "mmstack_batch_size_sum", "mmstack_batch_seconds_sum")
+    totals: dict[str, list[float]] = {}
     for line in httpx.get(url + "/metrics").text.splitlines():
-        for i, name in enumerate(("mmstack_batch_size_count", "mmstack_batch_size_sum", "mmstack_batch_seconds_sum")):
+        for i, name in enumerate(names):
             if line.startswith(name + "{"):
-                totals[i] += float(line.rsplit(" ", 1)[1])
-    return totals[0], totals[1], totals[2]
+                op = re.search(r'op="([^"]*)"', line).group(1)
+                totals.setdefault(op, [0.0, 0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
-def _measure(root: Path, batching: dict[str, Any], seconds: float, max_requests: int, image: str) -> dict:
-    out: dict[str, Any] = {}
-    with _Server(root, batching) as server:
+def _level(server: _Server, kind: str, clients: int, seconds: float, max_requests: int, image: str) -> dict:
+    """One load level, with the server's CPU time and batch sizes over it (warm-up included)."""
+    before, cpu0, client0 = _batch_totals(server.url), server.cpu_s(), time.process_time()
+    res = asyncio.run(_load(server.port, kind, clients, seconds, max_requests, image))
+    after, cpu = _batch_totals(server.url), server.cpu_s() - cpu0
+    delta = {op: [a - b for a, b in zip(v, before.get(op, [0.0] * 3), strict=True)] for op, v in after.items()}
+    delta = {op: v for op, v in delta.items() if v[0] > 0}
+    res["mean_batch_size"] = {op: round(v[1] / v[0], 2) for op, v in delta.items()}
+    res["model_busy_s"] = round(sum(v[2] for v in delta.values()), 2)
+    n = max(res["requests"] + clients, 1)  # the warm-up requests count too
+    res["server_cpu_ms_per_request"] = round(1000 * cpu / n, 2)
+    res["client_cpu_ms_per_request"] = round(1000 * (time.process_time() - client0) / n, 2)
+    res["littles_law_mean_ms"] = round(1000 * clients / res["throughput_rps"], 1) if res["throughput_rps"] else None
+    return res
+
+
+def _measure(root: Path, configs: dict[str, dict[str, Any]], seconds: float, max_requests: int, image: str) -> dict:
+    """Every workload and level on one server per batching config, the configs taking turns at each level
+    so that they meet the same machine load (the machine is shared)."""
+    out: dict[str, Any] = {name: {} for name in configs}
+    with contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(_Server(root, cfg)) for name, cfg in configs.items()}
         for kind in KINDS:
-            out[kind] = {}
             for c in LEVELS:
-                before = _batch_totals(server.url)
-                res = asyncio.run(_load(server.port, kind, c, seconds, max_requests, image))
-                n_batches, n_items, busy = (a - b for a, b in zip(_batch_totals(server.url), before, strict=True))
-                res["mean_batch_size"] = round(n_items / max(n_batches, 1), 2)  # server side, warm-up included
-                res["model_busy_s"] = round(busy, 2)
-                out[kind][c] = res
+                for name, server in servers.items():
+                    if name == "batching_whole_chat" and not kind.startswith("chat"):
+                        continue
+                    out[name].setdefault(kind, {})[c] = _level(server, kind, c, seconds, max_requests, image)
     return out
+
+
+def _model_costs(root: Path) -> dict[str, Any]:
+    """Milliseconds per item of the models alone (one torch thread) at batch 1 and 32: what batching can
+    save at most, apart from the per-request HTTP work."""
+    import torch
+
+    import mmstack
+    from benchmarks.timing import median_seconds
+    from mmstack.data.images import decode_data_url
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clip, vlm = mmstack.load(root / "clip"), mmstack.load(root / "vlm")
+        url = _image_url()
+        prep = median_seconds(lambda: clip.processor.images_uint8([decode_data_url(url)]), repeats=20)
+        out: dict[str, float] = {"image_decode_preprocess_ms": 1000 * prep}
+        with torch.inference_mode():
+            for b in (1, 32):
+                out.update(_embed_costs(clip, decode_data_url(url), b))
+                out.update(_chat_costs(vlm, decode_data_url(url), b))
+    finally:
+        torch.set_num_threads(threads)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _embed_costs(clip: Any, img: Any, b: int) -> dict[str, float]:
+    from benchmarks.timing import median_seconds
+
+    enc = clip.processor.text(["a red circle left of a blue square"] * b)
+    pixels = clip.processor.images([img] * b)
+    t_text = median_seconds(lambda: clip.encode_text(enc["input_ids"], enc["attention_mask"]), 5)
+    t_image = median_seconds(lambda: clip.encode_image(pixels), 5)
+    return {f"text_ms_per_item_b{b}": 1000 * t_text / b, f"image_ms_per_item_b{b}": 1000 * t_image / b}
+
+
+def _chat_costs(vlm: Any, img: Any, b: int) -> dict[str, float]:
+    """Prefill per row and one decode step of ``b`` rows (64 px image prompts), as the server runs them."""
+    from benchmarks.timing import median_seconds
+    from mmstack.serve.running_batch import RunningBatch
+
+    turns = [{"from": "human", "value": "what colour is the circle ?\n<image>"}]
+    inputs = vlm.processor.prompts([turns] * b, images=[img] * b, padding_side="left")
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    batch = RunningBatch(vlm)
+    t_prefill = median_seconds(lambda: batch.prefill(*args), 3)
+    batch.add(batch.prefill(*args))
+    tokens = batch.logits.argmax(-1)
+    t_step = median_seconds(lambda: batch.step(tokens), 5)  # the cache grows by a column per step, as it does
+    return {f"chat_prefill_ms_per_row_b{b}": 1000 * t_prefill / b, f"chat_decode_step_ms_b{b}": 1000 * t_step}
 
 
 def run(quick: bool) -> dict:
@@ -270,10 +364,12 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _save_models(root)
+        costs = _model_costs(root)
         on = {"max_batch_size": 32, "max_wait_ms": MAX_WAIT_MS, "max_queue": 256}
         off = {"max_batch_size": 1, "max_wait_ms": 0, "max_queue": 256}
-        results = {"batching_on": _measure(root, on, seconds, max_requests, image)}
-        results["batching_off"] = _measure(root, off, seconds, max_requests, image)
+        whole = {**on, "continuous": False}
+        configs = {"batching_on": on, "batching_off": off, "batching_whole_chat": whole}
+        results = _measure(root, configs, seconds, max_requests, image)
         queue = 32
         with _Server(root, {**on, "max_queue": queue}) as server:
             rss_before = server.rss_mb()
@@ -281,17 +377,7 @@ def run(quick: bool) -> dict:
             rss_mid = server.rss_mb()
             counts2 = asyncio.run(_overload(server.port, 2 * queue, 2 * seconds, image))
             rss_after = server.rss_mb()
-    summary = {}
-    for kind in KINDS:
-        on_k, off_k = results["batching_on"][kind], results["batching_off"][kind]
-        single = on_k[1]["p50_ms"]
-        summary[kind] = {
-            "speedup_at_32": round(on_k[32]["throughput_rps"] / off_k[32]["throughput_rps"], 2),
-            "p99_at_32_ms": on_k[32]["p99_ms"],
-            "p99_bound_ms": round(2 * (single + MAX_WAIT_MS), 1),
-            "speedup_target_met": on_k[32]["throughput_rps"] >= 4 * off_k[32]["throughput_rps"],
-            "p99_target_met": on_k[32]["p99_ms"] <= 2 * (single + MAX_WAIT_MS),
-        }
+    summary = {kind: _summary(results, kind) for kind in KINDS}
     overload = {
         "max_queue": queue,
         "clients": 2 * queue,
@@ -299,4 +385,39 @@ def run(quick: bool) -> dict:
         "rss_mb": [round(rss_before, 1), round(rss_mid, 1), round(rss_after, 1)],
         "no_accepted_request_lost": all(c["other"] == 0 and c["bad_answers"] == 0 for c in (counts, counts2)),
     }
-    return {"levels": list(LEVELS), "max_wait_ms": MAX_WAIT_MS, **results, "summary": summary, "overload": overload}
+    return {
+        "levels": list(LEVELS),
+        "max_wait_ms": MAX_WAIT_MS,
+        "model_costs": costs,
+        **results,
+        "summary": summary,
+        "overload": overload,
+    }
+
+
+def _summary(results: dict, kind: str) -> dict[str, Any]:
+    """Targets at 32 clients; the bound is also written beside every p99 of the batched runs."""
+    on_k, off_k = results["batching_on"][kind], results["batching_off"][kind]
+    single = off_k[1]["p50_ms"]  # one request alone, no batching wait
+    bound = round(2 * (single + MAX_WAIT_MS), 1)
+    for config in ("batching_on", "batching_whole_chat"):
+        for level in results.get(config, {}).get(kind, {}).values():
+            level["p99_bound_ms"] = bound
+    out = {
+        "single_request_ms": single,
+        "speedup_at_32": round(on_k[32]["throughput_rps"] / off_k[32]["throughput_rps"], 2),
+        "p99_at_32_ms": on_k[32]["p99_ms"],
+        "p99_bound_ms": bound,
+        "littles_law_mean_at_32_ms": on_k[32]["littles_law_mean_ms"],
+        "speedup_target_met": on_k[32]["throughput_rps"] >= 4 * off_k[32]["throughput_rps"],
+        "p99_target_met": on_k[32]["p99_ms"] <= bound,
+    }
+    if "p99_short_ms" in on_k[32]:
+        out["p99_short_at_32_ms"] = on_k[32]["p99_short_ms"]
+    if kind in results.get("batching_whole_chat", {}):
+        whole = results["batching_whole_chat"][kind][32]
+        out["whole_batch_p99_at_32_ms"] = whole["p99_ms"]
+        out["whole_batch_speedup_at_32"] = round(whole["throughput_rps"] / off_k[32]["throughput_rps"], 2)
+        if "p99_short_ms" in whole:
+            out["whole_batch_p99_short_at_32_ms"] = whole["p99_short_ms"]
+    return out

@@ -45,8 +45,11 @@ def save_clip(folder: Path) -> Path:
     return folder
 
 
-def save_vlm(folder: Path) -> Path:
-    """A bridge VLM with a one-layer CLIP vision tower on 32 px and a one-layer Llama."""
+def save_vlm(folder: Path, init_range: float = 0.02) -> Path:
+    """A bridge VLM with a one-layer CLIP vision tower on 32 px and a one-layer Llama.
+
+    ``init_range``: the Llama's weight init scale; a large one (0.5) makes its answers depend on every
+    position and mask detail (HF's default 0.02 gives nearly uniform attention)."""
     from mmstack.models.bridge import BridgeConfig, BridgeModel
     from mmstack.processing.bridge_processor import BridgeProcessor, train_chat_tokenizer
 
@@ -55,6 +58,7 @@ def save_vlm(folder: Path) -> Path:
     vision = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, **tiny}
     ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
     text = {"model_type": "llama", "vocab_size": len(tok), "num_key_value_heads": 2, "max_position_embeddings": 256}
+    text["initializer_range"] = init_range
     cfg = BridgeConfig(
         vision=vision,
         text={**text, **tiny, **ids},

@@ -70,10 +70,35 @@ def test_batch_waits_at_most_max_wait_and_leaves_early_when_full():
         await engine.stop()
         return time.perf_counter() - t0
 
-    alone = run(timed(max_batch=8, n=1, max_wait_ms=300))
+    alone = run(timed(max_batch=8, n=1, max_wait_ms=3000))
     full = run(timed(max_batch=2, n=2, max_wait_ms=3000))
-    assert 0.29 <= alone < 2.0  # a lone request waits for company, but only max_wait
-    assert full < 1.5  # a full batch does not wait (it would take 3 s)
+    assert alone < 1.5  # nobody else is admitted: no reason to wait (it would take 3 s)
+    assert full < 1.5  # a full batch does not wait
+
+
+def test_batch_waits_for_admitted_requests_still_preparing_but_only_max_wait():
+    async def main(submit_after_s: float):
+        model = FakeModel()
+        engine = await _started(model, max_batch_size=8, max_wait_ms=300)
+        preparing = engine.admit()  # admitted, still decoding its image (say)
+
+        async def first() -> tuple[int, float]:
+            return await _call(engine, 1), time.perf_counter()
+
+        async def late() -> int:
+            await asyncio.sleep(submit_after_s)
+            with preparing:
+                return await preparing.submit(2).result()
+
+        t0 = time.perf_counter()
+        (one, t1), two = await asyncio.gather(first(), late())
+        await engine.stop()
+        return model.batches, t1 - t0, [one, two]
+
+    batches, latency, results = run(main(submit_after_s=0.1))
+    assert batches == [[1, 2]] and results == [2, 4] and 0.1 <= latency < 1.0  # waited for its company
+    batches, latency, results = run(main(submit_after_s=0.6))
+    assert batches == [[1], [2]] and results == [2, 4] and 0.29 <= latency < 0.6  # ... but only max_wait
 
 
 def test_operations_are_not_mixed_in_one_batch():

@@ -167,7 +167,7 @@ def test_concurrent_chats_share_batches_and_each_gets_its_own_answer(server, cli
         )
         answers[i] = resp.choices[0].message.content
 
-    before = _batches(server, "vlm", "chat")
+    before = _batches(server, "vlm", "prefill")  # continuous batching: rows join by prefill passes
     with _hold_first_batch(server, "vlm", len(questions)):
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
         for t in threads:
@@ -177,7 +177,7 @@ def test_concurrent_chats_share_batches_and_each_gets_its_own_answer(server, cli
     for i, (q, colour) in enumerate(questions):
         image = Image.new("RGB", (40, 40), colour) if colour else None
         assert answers[i] == _direct_answer(models["vlm"], q, image, 6), questions[i]
-    count, total = (a - b for a, b in zip(_batches(server, "vlm", "chat"), before, strict=True))
+    count, total = (a - b for a, b in zip(_batches(server, "vlm", "prefill"), before, strict=True))
     assert total == len(questions) and count < len(questions)  # some requests shared a forward pass
 
 
@@ -237,20 +237,22 @@ def _hold_first_batch(server, model: str, n: int):
     """Hold the model's first batch until ``n`` requests are admitted, so that the test does not depend on
     how fast this (shared, busy) machine delivers them within ``max_wait_ms``."""
     engine = server.server.config.app.state.serve.services[model].engine
-    original = engine.run_batch
+    # A continuous engine takes its jobs from the queue itself: hold it until all n are queued.
+    attr, count = ("run_continuous", "pending") if hasattr(engine, "run_continuous") else ("run_batch", "admitted")
+    original = getattr(engine, attr)
 
-    def held(jobs):
+    def held(arg):
         deadline = time.monotonic() + 10
-        while engine.admitted < n and time.monotonic() < deadline:
+        while getattr(engine, count) < n and time.monotonic() < deadline:
             time.sleep(0.005)
-        engine.run_batch = original
-        return original(jobs)
+        setattr(engine, attr, original)
+        return original(arg)
 
-    engine.run_batch = held
+    setattr(engine, attr, held)
     try:
         yield
     finally:
-        engine.run_batch = original
+        setattr(engine, attr, original)
 
 
 def _auth() -> dict[str, str]:

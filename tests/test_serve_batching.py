@@ -114,7 +114,7 @@ def test_disconnect_mid_stream_frees_the_slot_and_stops_generation(serve_models)
             small = {"model": "vlm", "messages": [{"role": "user", "content": "yes"}], "max_tokens": 2}
             r2 = httpx.post(server.url + "/v1/chat/completions", json=small, timeout=30)
             assert r2.status_code == 200
-            # One batch runs at a time, so this answer came only after the abandoned row stopped.
+            # Answered in time: the abandoned row stopped (or, batched continuously, did not hold it up).
             assert time.monotonic() - t_gone < 4.0
         finally:
             del svc.model.decode

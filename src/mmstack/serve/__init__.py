@@ -10,7 +10,9 @@ Endpoints: ``POST /v1/embeddings`` (two-tower; texts, and images in the ``images
 (native model), ``POST /v1/search`` and ``POST /v1/rag`` (collections), ``GET /v1/models``,
 ``GET /v1/collections``, ``GET /healthz``, ``GET /metrics`` (Prometheus) and the web page at ``/``.
 
-Layout: ``config`` (ServeConfig), ``batching`` (BatchingEngine), one module per endpoint family holding its
+Layout: ``config`` (ServeConfig), ``batching`` (BatchingEngine), ``continuous`` (ContinuousBatchingEngine:
+chat requests join a running generation between decode steps) with ``running_batch`` (the shared KV cache
+that rows join and leave), one module per endpoint family holding its
 service (the adapter from a model family to batch operations) and routes (``embeddings``, ``chat``,
 ``images``, ``search``, ``rag``), ``media`` (image URLs), ``security`` (API key, body limit), ``metrics``,
 ``errors`` (OpenAI error objects), ``state`` (what one server holds), ``app`` (wiring), ``runner`` (uvicorn).
@@ -27,6 +29,7 @@ _EXPORTS = {
     "BatchingConfig": "mmstack.serve.config",
     "load_serve_config": "mmstack.serve.config",
     "BatchingEngine": "mmstack.serve.batching",
+    "ContinuousBatchingEngine": "mmstack.serve.continuous",
     "LiveServer": "mmstack.serve.runner",
 }
 

@@ -14,8 +14,12 @@ left or ran out of time. If ``run_batch`` raises, the jobs are re-run one by one
 only its own request.
 
 A batch starts when ``max_batch_size`` jobs with the same key are waiting, or ``max_wait_ms`` after its
-oldest job arrived, whichever comes first; while a batch runs, the next one fills up. Admission counts
-items, waiting or running, so queued memory is bounded by ``max_queue``.
+oldest job arrived, whichever comes first, and at once when no other admitted request is still preparing
+its items (nothing else is on the way, so waiting would only add latency); while a batch runs, the next
+one fills up. Admission counts items, waiting or running, so queued memory is bounded by ``max_queue``.
+
+``continuous.ContinuousBatchingEngine`` keeps this admission, queue and deadline logic but lets its
+worker take waiting jobs into a running batch between steps (chat generation).
 """
 
 from __future__ import annotations
@@ -247,6 +251,8 @@ class BatchingEngine:
     def _release(self, n: int) -> None:
         self._admitted -= n
         self._report()
+        if self._wakeup is not None:
+            self._wakeup.set()  # a batch waiting for company looks again
 
     def _enqueue(self, job: Job) -> None:
         if self._task is None or self._wakeup is None:
@@ -291,7 +297,7 @@ class BatchingEngine:
             await self._wakeup.wait()
         first = self._pending[0]
         until = first.enqueued_at + self.config.max_wait_ms / 1000
-        while self._count(first.key) < self.config.max_batch_size:
+        while self._count(first.key) < self.config.max_batch_size and self._company_coming():
             remaining = until - time.monotonic()
             if remaining <= 0:
                 break
@@ -301,6 +307,11 @@ class BatchingEngine:
             except TimeoutError:
                 break
         return self._take(first.key)
+
+    def _company_coming(self) -> bool:
+        """More items are admitted than queued: requests still preparing their items (decoding images)
+        will be queued soon, so a batch is worth waiting for. Otherwise waiting would only add latency."""
+        return self._admitted > len(self._pending)
 
     def _drop_dead_head(self) -> bool:
         """Drop cancelled/expired jobs at the head; True when a live job is waiting."""
@@ -342,14 +353,14 @@ class BatchingEngine:
             return out
         except Exception as err:
             if len(batch) == 1:
-                _log_failure(self.name, err)
+                log_failure(self.name, err)
                 return [err]
             log.info("batch of %d for %s failed (%s); re-running its jobs one by one", len(batch), self.name, err)
             # A job that already streamed part of its answer cannot be re-run without repeating it.
             return [err if job.emitted else self._execute([job])[0] for job in batch]
 
 
-def _log_failure(name: str, err: BaseException) -> None:
+def log_failure(name: str, err: BaseException) -> None:
     from mmstack.errors import MmstackError
 
     if isinstance(err, MmstackError):

@@ -1,10 +1,14 @@
 """``POST /v1/chat/completions`` for bridge VLMs (LLaVA-style), plain or streamed as server-sent events.
 
 A request's messages become the processor's turns (one image per conversation, placed where its
-``image_url`` part is). Each request is one batching job: the batch is left-padded with attention masks
-and decoded together with the model's KV-cache loop (``bridge_generate.stream_tokens``); each row stops
-on its own (end token, stop string, its ``max_tokens``, or its client leaving), and streamed rows get
-their text deltas as they grow. Requests batch only with requests that sample the same way.
+``image_url`` part is). Each request is one batching job. By default jobs are batched continuously
+(``run_continuous`` with ``continuous.ContinuousBatchingEngine``): a request joins the running generation
+at the next decode step (its prompt is prefilled and its KV cache merged in, ``running_batch``) and
+leaves it as soon as it is done, so it never waits for a whole batch; each row samples its own way.
+With ``batching.continuous: false`` (``run_batch``) a batch is left-padded and decoded to its end with the
+model's KV-cache loop (``bridge_generate.stream_tokens``), and requests batch only with requests that
+sample the same way. Either way each row stops on its own (end token, stop string, its ``max_tokens``,
+or its client leaving), and streamed rows get their text deltas as they grow.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from mmstack.errors import ModelError
+from mmstack.serve.batching import log_failure
 from mmstack.serve.config import MediaConfig, ServeConfig
-from mmstack.serve.errors import APIError, ClientDisconnectedError, as_api_error
+from mmstack.serve.errors import APIError, ClientDisconnectedError, DeadlineExceededError, as_api_error
 from mmstack.serve.media import load_image_url
+from mmstack.serve.running_batch import RunningBatch, supports_model
 from mmstack.serve.schemas import ChatMessage, ChatRequest
 from mmstack.serve.security import check_api_key
 from mmstack.serve.state import ServerState, get_state
@@ -80,6 +86,7 @@ class ChatService:
             raise ModelError(f"model {name!r} has no processor attached; save the checkpoint with its processor")
         self.name, self.model, self.processor = name, model.eval(), model.processor
         self.context = int(getattr(model.language_model.config, "max_position_embeddings", 0) or 0)
+        self.supports_continuous = supports_model(model)
         self.engine: Any = None
 
     def prepare(
@@ -125,6 +132,67 @@ class ChatService:
                 pass
         return [row.result(len(p.input_ids)) for row, p in zip(rows, prompts, strict=True)]
 
+    def run_continuous(self, feed: Any) -> None:
+        """Continuous batching: before each decode step, newcomers from ``feed`` join the running batch;
+        finished rows leave at once. Returns when no row is left and nobody waits."""
+        batch, rows = RunningBatch(self.model), []
+        with torch.inference_mode():
+            while not feed.stopping:
+                rows += self._join(batch, feed, feed.take(feed.capacity - len(rows)))
+                if not rows:
+                    return
+                rows = self._decode_step(batch, rows, feed)
+        for row in rows:
+            feed.finish(row.job, APIError("the server is shutting down", status=503, type="server_error"))
+
+    def _decode_step(self, batch: RunningBatch, rows: list[_Row], feed: Any) -> list[_Row]:
+        """Choose every row's next token, answer the rows that finished, feed the others' tokens."""
+        t0 = time.perf_counter()
+        tokens = _choose_per_row(batch.logits, rows)
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            row.push(token)
+        live = [i for i, row in enumerate(rows) if row.finish is None]
+        for row in rows:
+            if row.finish is not None:
+                feed.finish(row.job, row.outcome(), time.perf_counter() - row.joined_at)
+        batch.keep(live)
+        if not live:
+            return []
+        try:
+            batch.step(tokens[live])
+        except Exception as err:  # a decode step cannot be split by row: its rows fail together
+            log_failure(self.name, err)
+            for i in live:
+                feed.finish(rows[i].job, err)
+            batch.keep([])
+            return []
+        feed.record("chat", len(live), time.perf_counter() - t0)
+        return [rows[i] for i in live]
+
+    def _join(self, batch: RunningBatch, feed: Any, jobs: list[Any]) -> list[_Row]:
+        """Prefill ``jobs`` together and merge them into ``batch``; a prompt that fails fails alone."""
+        if not jobs:
+            return []
+        t0 = time.perf_counter()
+        if not self._prefill(batch, feed, jobs):
+            jobs = [job for job in jobs if self._prefill(batch, feed, [job])] if len(jobs) > 1 else []
+        if jobs:
+            feed.record("prefill", len(jobs), time.perf_counter() - t0)
+        stop_ids = set(self.processor.stop_token_ids())
+        tokenizer = self.processor.tokenizer
+        return [_Row(job, tokenizer, set() if job.payload.sampling.ignore_eos else stop_ids) for job in jobs]
+
+    def _prefill(self, batch: RunningBatch, feed: Any, jobs: list[Any]) -> bool:
+        """Add ``jobs`` to ``batch``; False if that failed (a lone job is then answered with the error)."""
+        try:
+            batch.add(batch.prefill(**self._collate([j.payload for j in jobs])))
+            return True
+        except Exception as err:
+            if len(jobs) == 1:
+                log_failure(self.name, err)
+                feed.finish(jobs[0], err)
+            return False
+
     def _collate(self, prompts: list[ChatPrompt]) -> dict[str, Any]:
         """Left-pad the rows (generation continues from each row's last real token) and stack the images."""
         width = max(len(p.input_ids) for p in prompts)
@@ -154,6 +222,18 @@ class _Row:
         self.streaming = job.streaming
         # Text that might be the start of a stop string is held back until it is known not to be one.
         self.holdback = max((len(s) for s in self.prompt.stop), default=1) - 1
+        self.joined_at = time.perf_counter()
+        sampling = self.prompt.sampling
+        self.sample_config: Any = None
+        self.generator: torch.Generator | None = None
+        if sampling.temperature > 0:
+            from mmstack.models.bridge_generate import GenerationConfig
+
+            self.sample_config = GenerationConfig(
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p
+            )
+            if sampling.seed is not None:
+                self.generator = torch.Generator().manual_seed(sampling.seed)
 
     def push(self, token: int) -> None:
         if self.finish is not None:
@@ -165,14 +245,19 @@ class _Row:
             self.finish = "stop"
         else:
             self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-            cut = min((self.text.find(s) for s in self.prompt.stop if s in self.text), default=-1)
-            if cut >= 0:
-                self.text, self.finish = self.text[:cut], "stop"
-            elif len(self.ids) >= self.prompt.max_tokens:
+            # The text is needed as it grows only to stream it or to look for stop strings.
+            if self.streaming or self.prompt.stop:
+                self._decode()
+            if self.finish is None and len(self.ids) >= self.prompt.max_tokens:
                 self.finish = "length"
         if self.streaming:
             self._emit()
+
+    def _decode(self) -> None:
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        cut = min((self.text.find(s) for s in self.prompt.stop if s in self.text), default=-1)
+        if cut >= 0:
+            self.text, self.finish = self.text[:cut], "stop"
 
     def _emit(self) -> None:
         visible = self.text if self.finish else self.text[: max(len(self.shown), len(self.text) - self.holdback)]
@@ -181,7 +266,29 @@ class _Row:
             self.shown = visible
 
     def result(self, prompt_tokens: int) -> ChatResult:
+        if not (self.streaming or self.prompt.stop):
+            self._decode()
         return ChatResult(self.text.strip(), self.finish or "length", prompt_tokens, len(self.ids))
+
+    def outcome(self) -> ChatResult | Exception:
+        """The row's answer, or the error its (already gone) caller was given."""
+        if self.finish != "cancelled":
+            return self.result(len(self.prompt.input_ids))
+        if self.job.cancelled:
+            return ClientDisconnectedError("the client disconnected")
+        return DeadlineExceededError("the request did not finish before its deadline; retry later")
+
+
+def _choose_per_row(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """Each row's next token from logits (B, V): argmax for greedy rows, a draw with the row's own
+    settings and generator for sampling rows (a seeded row's draws depend on its seed alone)."""
+    from mmstack.models.bridge_generate import choose
+
+    tokens = logits.argmax(-1)  # (B,)
+    for i, row in enumerate(rows):
+        if row.sample_config is not None:
+            tokens[i] = choose(logits[i : i + 1], row.sample_config, row.generator)[0]
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------- requests

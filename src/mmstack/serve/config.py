@@ -31,15 +31,20 @@ class BatchingConfig:
 
     Args:
         max_batch_size: most items run in one forward pass (1 turns batching off).
-        max_wait_ms: how long the first item of a batch waits for company.
+        max_wait_ms: how long the first item of a batch may wait for company: for requests already
+            admitted but still preparing their items (decoding images). With none on the way a batch
+            starts at once; under load the queue fills while the model runs, so batches stay full.
         max_queue: items admitted (waiting or running) per model; beyond it requests get 429 at once.
         timeout_s: default deadline of a request, from its arrival to its last byte.
+        continuous: chat models only: requests join a running generation between decode steps and leave
+            it when they finish (continuous batching); false runs each batch to its end before the next.
     """
 
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 256
     timeout_s: float = 60.0
+    continuous: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

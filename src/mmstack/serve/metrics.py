@@ -1,5 +1,8 @@
 """Prometheus metrics for ``GET /metrics``: queue depth, batch sizes, latency by endpoint, rejections.
 
+A batch is one forward pass: for chat batched continuously, ``op="prefill"`` counts the requests that
+joined in one prefill and ``op="chat"`` the rows of one decode step.
+
 Each app owns its registry (several apps in one process, as in tests, do not collide). Latency is
 measured by an ASGI middleware from the first byte of the request to the last byte of the response,
 so a streamed chat counts its whole stream.

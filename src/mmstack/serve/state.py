@@ -3,7 +3,9 @@ the metrics and the API key in force.
 
 A *service* adapts one model family (or a collection) to the server: ``embeddings.EmbeddingService``,
 ``chat.ChatService``, ``images.ImageService``, ``search.SearchService``, ``rag.RagService``. Each names its
-``capabilities`` (the endpoints it answers), owns one ``BatchingEngine`` and gives it ``run_batch(jobs)``.
+``capabilities`` (the endpoints it answers), owns one ``BatchingEngine`` and gives it ``run_batch(jobs)``;
+a service with ``supports_continuous`` gets a ``ContinuousBatchingEngine`` running its ``run_continuous(feed)``
+instead (unless ``batching.continuous`` is false).
 """
 
 from __future__ import annotations
@@ -88,7 +90,13 @@ def build_service(name: str, model: Any, config: ServeConfig, metrics: ServeMetr
         )
     module, cls_name = SERVICES[family].split(":")
     svc = getattr(importlib.import_module(module), cls_name)(name, model, config)
-    svc.engine = BatchingEngine(name, svc.run_batch, config.batching_for(name), metrics)
+    batching = config.batching_for(name)
+    if batching.continuous and getattr(svc, "supports_continuous", False):
+        from mmstack.serve.continuous import ContinuousBatchingEngine
+
+        svc.engine = ContinuousBatchingEngine(name, svc.run_continuous, batching, metrics)
+    else:
+        svc.engine = BatchingEngine(name, svc.run_batch, batching, metrics)
     return svc
 
 
