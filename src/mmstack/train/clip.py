@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from mmstack.config import to_dict
 from mmstack.errors import ConfigError, DataError
 from mmstack.train.checkpoint import RunInfo, RunResult, finish_run, work_dir
-from mmstack.train.clip_data import AugmentConfig, PairTensors, cached_pixels, scene_captions
+from mmstack.train.clip_data import AugmentConfig, PairTensors, cached_pixels, scene_captions, scene_twins
 from mmstack.train.clip_task import ClipTask
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.progress import console
@@ -90,13 +91,21 @@ class DataSection:
     ``~/.cache/mmstack``). ``text_buckets``: encode captions in that many length buckets (see ``ClipTask``).
     ``image_stats``: normalise pixels with the processor's mean/std (``processor``: CLIP's ImageNet-derived
     values) or with the per-channel mean/std of the training images (``data``, for a fresh model only;
-    the values are stored in the checkpoint's processor, so evaluation and serving use them too)."""
+    the values are stored in the checkpoint's processor, so evaluation and serving use them too).
+    ``twins``: share of each batch given to hard-negative twins (shapes world only, at most 0.5): the last
+    ``twins * batch`` items are replaced by twins of the first ones, each the same scene with one object's
+    shape, colour, size or cell changed (``mmstack.world.twins``), rendered once at preparation."""
 
     captions: Literal["pair", "all"] = "all"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache_dir: str | None = None
     text_buckets: int = 1
     image_stats: Literal["processor", "data"] = "processor"
+    twins: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.twins <= 0.5:
+            raise ConfigError(f"data.twins must be in [0, 0.5] (share of each batch), got {self.twins}")
 
 
 @dataclass
@@ -127,11 +136,18 @@ def read_training_pairs(data: str | Path, mode: str) -> tuple[list[Path], list[l
     return [p.image for p in pairs], captions
 
 
-def build_dataset(processor: Any, images: list[Path], captions: list[list[str]], cfg: ClipRecipeConfig) -> PairTensors:
+def build_dataset(
+    processor: Any,
+    images: list[Path],
+    captions: list[list[str]],
+    cfg: ClipRecipeConfig,
+    twins: tuple[list[Any], list[list[str]]] | None = None,
+) -> PairTensors:
     """Cached pixels + tokenised captions as a trainer ``BatchSource``.
 
     With ``data.image_stats: data`` the processor's mean/std are set here from the pixels (the processor is
-    saved with the checkpoint, so evaluation uses the same values).
+    saved with the checkpoint, so evaluation uses the same values). ``twins`` (PIL images and captions, one
+    per item, see ``DataSection.twins``) are appended after the items.
     """
     from mmstack.data.images import load_image
 
@@ -142,6 +158,10 @@ def build_dataset(processor: Any, images: list[Path], captions: list[list[str]],
     pixels = cached_pixels(images, to_uint8, spec, _cache_dir(cfg))
     if cfg.data.image_stats == "data" and not cfg.model.init_from:
         processor.image_config = dataclasses.replace(processor.image_config, **pixel_stats(pixels))
+    if twins is not None:
+        twin_pixels = torch.from_numpy(np.stack([processor.image_to_uint8(im) for im in twins[0]]))
+        pixels = torch.cat([pixels, twin_pixels.permute(0, 3, 1, 2)])  # (2N, 3, H, W)
+        captions = [*captions, *twins[1]]
     flat = [c for cs in captions for c in cs]
     tokens = processor.text(flat)
     cut = int((tokens["attention_mask"].sum(1) >= processor.max_length).sum())
@@ -163,7 +183,19 @@ def build_dataset(processor: Any, images: list[Path], captions: list[list[str]],
         augment=cfg.data.augment,
         views=loss.type == "simclr" or loss.simclr_weight > 0,
         pairs=loss.type != "simclr",
+        twins=cfg.data.twins if twins is not None else 0.0,
     )
+
+
+def build_twins(data: str | Path, cfg: ClipRecipeConfig) -> tuple[list[Any], list[list[str]]] | None:
+    """The hard-negative twins of the training scenes when ``data.twins`` asks for them."""
+    if cfg.data.twins <= 0:
+        return None
+    from mmstack.data.pairs import read_pairs
+
+    ids = [p.id for p in read_pairs(data)]
+    console.print(f"rendering {len(ids)} hard-negative twins (data.twins={cfg.data.twins})")
+    return scene_twins(Path(data), ids, cfg.train.seed, cfg.data.captions == "all")
 
 
 def pixel_stats(pixels: torch.Tensor, max_images: int = 4096) -> dict[str, tuple[float, ...]]:
@@ -259,8 +291,9 @@ def train_clip(
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     images, captions = read_training_pairs(data, cfg.data.captions)
-    model = build_model(cfg, captions)
-    dataset = build_dataset(model.processor, images, captions, cfg)
+    twins = build_twins(data, cfg)
+    model = build_model(cfg, captions + (twins[1] if twins else []))
+    dataset = build_dataset(model.processor, images, captions, cfg, twins)
     run_config = {**to_dict(cfg), "data_path": str(Path(data).resolve()), "tokenizer_sha": _tokenizer_hash(model)}
     work = work_dir(out)
     trainer = Trainer(build_task(model, cfg), dataset, cfg.train, work, run_config=run_config, resume=resume)

@@ -55,8 +55,9 @@ class PairTensors:
         augment: AugmentConfig | None = None,
         views: bool = False,
         pairs: bool = True,
+        twins: float = 0.0,
     ) -> None:
-        self.pixels = pixels  # (N, 3, H, W) uint8
+        self.pixels = pixels  # (N, 3, H, W) uint8; with twins (2N, ...): item i's twin at N + i
         self.input_ids, self.attention_mask = input_ids, attention_mask  # (C, L): C >= N captions
         self.offsets = owner_offsets  # (N + 1,): captions of item i are offsets[i]:offsets[i+1]
         self.counts = owner_offsets[1:] - owner_offsets[:-1]
@@ -64,15 +65,29 @@ class PairTensors:
         self.mul, self.add = 1.0 / (255.0 * std_t), -mean_t / std_t
         self.augment = augment or AugmentConfig()
         self.views, self.pairs = views, pairs
+        self.twins = twins
+        self.n = int(self.pixels.shape[0]) // (2 if twins > 0 else 1)
 
     def __len__(self) -> int:
-        return int(self.pixels.shape[0])
+        return self.n
+
+    def with_twins(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices`` with its last ``twins`` share replaced by the twins of its first items, so each of
+        those scenes meets, in the same batch, the negative that differs from it in one attribute only."""
+        k = min(round(len(indices) * self.twins), len(indices) // 2)
+        if k == 0:
+            return indices
+        out = indices.clone()
+        out[len(indices) - k :] = indices[:k] + self.n
+        return out
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> the processor's normalised float pixels."""
         return torch.addcmul(self.add, pixels.float(), self.mul)
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.twins > 0:
+            indices = self.with_twins(indices)
         raw = self.pixels[indices]
         out: dict[str, torch.Tensor] = {}
         if self.pairs:
@@ -121,6 +136,44 @@ def random_resized_crop(images: torch.Tensor, min_scale: float, flip: bool) -> t
 
 
 # -------------------------------------------------------------------------------------------- building
+
+
+def scene_twins(data_dir: Path, ids: list[str | None], seed: int, all_captions: bool):
+    """One hard-negative twin per scene (see ``mmstack.world.twins``), rendered as the world renders its
+    images: ``(PIL images, captions per twin)``. Needs the shapes world's scenes.jsonl and world.json."""
+    import random
+
+    from mmstack.world import captions_for, render_scene
+    from mmstack.world.scene import Scene
+    from mmstack.world.twins import twin_scene
+    from mmstack.world.vocab import derive_seed
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "scenes.jsonl").is_file() or not (data_dir / "world.json").is_file():
+        raise DataError(
+            f"{data_dir}: data.twins needs a shapes-world folder (scenes.jsonl and world.json); "
+            "set data.twins: 0 for other data"
+        )
+    world = json.loads((data_dir / "world.json").read_text(encoding="utf-8"))
+    options, split = world.get("options", {}), world.get("split", "train")
+    scenes = {}
+    for line in (data_dir / "scenes.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            scenes[str(rec["id"])] = rec
+    images, captions = [], []
+    for i, sid in enumerate(ids):
+        rec = scenes.get(str(sid))
+        if rec is None:
+            raise DataError(f"{data_dir / 'scenes.jsonl'}: no scene with id {sid!r}; regenerate the world folder")
+        rng = random.Random(derive_seed("twin", int(seed), i))
+        twin = twin_scene(Scene.from_dict(rec), rng, split)
+        w, h = int(rec["width"]), int(rec["height"])
+        noise, rot, tex = float(options.get("noise", 0.0)), bool(options.get("rotation")), bool(options.get("texture"))
+        images.append(render_scene(twin, w, h, noise, rot, tex, seed=rng.getrandbits(32)))
+        caps = captions_for(twin, complete_only=not all_captions)
+        captions.append(caps if all_captions else [rng.choice(caps)])
+    return images, captions
 
 
 def scene_captions(data_dir: Path, ids: list[str | None]) -> list[list[str]] | None:
