@@ -114,6 +114,32 @@ def test_forward_and_every_parameter_gets_a_gradient(head):
     assert missing == [], missing
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_codebook_init_gives_look_alike_codes_look_alike_embeddings(head):
+    """code_init=codebook: each code's nearest code in embedding space (input and output rows) is its nearest
+    code in the VQ codebook, and the rows keep the random init's scale; random init has neither property."""
+    vq = micro_vq()
+    cb = vq.quantizer.codebook
+    vocab = NativeVocab(20, vq.codebook_size, vq.grid)
+    config = NativeConfig(hidden_size=32, layers=1, heads=2, head=head, code_init="codebook")
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        return (torch.cdist(x, x) + torch.eye(len(x)) * 1e9).argmin(1)
+
+    model = NativeModel(config, vocab, vq=vq)
+    rows = model.backbone.embed_tokens.weight[vocab.code_offset :].detach()
+    out = model.head.weight[vocab.code_offset :] if head == "shared" else model.heads["image"].weight[2:]
+    assert torch.equal(nearest(rows), nearest(cb)) and torch.equal(nearest(out.detach()), nearest(cb))
+    assert float(rows.norm(dim=1).mean()) == pytest.approx(config.init_std * 32**0.5, rel=1e-4)
+    text_rows = model.backbone.embed_tokens.weight[1 : vocab.n_text].detach()  # untouched: random
+    assert float(text_rows.std()) == pytest.approx(config.init_std, rel=0.3)
+    plain = NativeConfig(hidden_size=32, layers=1, heads=2, code_init="random")
+    random_rows = NativeModel(plain, vocab, vq=vq).backbone.embed_tokens
+    assert not torch.equal(nearest(random_rows.weight[vocab.code_offset :].detach()), nearest(cb))
+    with pytest.raises(ConfigError, match="code_init"):
+        NativeConfig(code_init="pca")
+
+
 def test_per_modality_heads_speak_only_their_group():
     model = micro_model("per_modality")
     v = model.vocab
@@ -233,3 +259,25 @@ def test_object_scores_match_the_best_assignment():
     assert caption_scores([truth], [vague])["caption_accuracy"] == 0.5
     extra = good + " and a small green heart at the bottom right"
     assert caption_scores([truth], [extra]) == {"caption_accuracy": 2 / 3, "caption_exact": 0.0}
+
+
+def test_canonical_prompts_are_the_captioning_targets(tmp_path):
+    """prompts=canonical: every generation prompt is the scene's first caption (what captioning writes and the
+    eval prompts with), while the tokenizer still sees every phrasing, so other prompts do not read as <unk>."""
+    from mmstack.config import load_config
+    from mmstack.train.native import NativeRecipeConfig, build_tokenizer, canonical_prompts
+    from mmstack.train.native_data import read_native_data
+    from mmstack.world import generate_world
+
+    generate_world(tmp_path, 6, seed=0, image_size=16)
+    records = read_native_data(tmp_path, "all", clip_frames=2)
+    assert any(len(set(ps)) > 1 for ps in records.prompts)
+    tok = build_tokenizer(records, 256)
+    narrowed = canonical_prompts(records)
+    assert narrowed.prompts == [[t] for t in records.targets] and narrowed.images == records.images
+    other = [p for ps in records.prompts for p in ps if p not in records.targets]
+    assert other and all(1 not in tok(p, add_special_tokens=False)["input_ids"] for p in other)  # 1 = <unk>
+    cfg = load_config(NativeRecipeConfig, {"data": {"prompts": "canonical"}})
+    assert cfg.data.prompts == "canonical"
+    with pytest.raises(ConfigError, match=r"data\.prompts"):
+        load_config(NativeRecipeConfig, {"data": {"prompts": "first"}})

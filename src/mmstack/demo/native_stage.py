@@ -7,7 +7,7 @@ The stage's config (the ``native:`` section of the demo YAML)::
       native_config: native-demo.yaml  # decoder recipe (the smoke demo: native-micro.yaml)
       vq_overrides: {}                 # dotted-key dicts merged into the recipes
       native_overrides: {}
-      eval: {n_generate: 100, n_caption: 100, n_unconstrained: 30}   # NativeEvalConfig fields
+      eval: {n_generate: 100, n_caption: 100, n_unconstrained: 30}   # over the recipe's eval section
       grid: 12                         # prompts in native.png
       captions: 6                      # val images in native_captions.png
 
@@ -87,7 +87,9 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     _fresh_unless_same(nat_out, {**to_dict(nat_cfg), "data_path": str(dirs["train"].resolve()), "vq": fingerprint})
     nat_run = train_native(nat_cfg, dirs["train"], vq_out, nat_out).as_dict()
     model = NativeModel.from_pretrained(nat_out)
-    eval_cfg = from_dict(NativeEvalConfig, {**(SMOKE_EVAL if ctx.smoke else {}), **cfg.get("eval", {})}, "native.eval")
+    # the recipe's eval section (sized to the demo budget), then the smoke sizes, then the stage's own overrides
+    eval_fields = {**to_dict(nat_cfg.eval), **(SMOKE_EVAL if ctx.smoke else {}), **cfg.get("eval", {})}
+    eval_cfg = from_dict(NativeEvalConfig, eval_fields, "native.eval")
     result = evaluate_native(model, dirs["val"], eval_cfg, nat_cfg.data.clip_frames)
     metrics = _metrics(vq_run, nat_run, result)
     _grid(model, dirs["val"], ctx.path("native.png"), int(cfg.get("grid", 6 if ctx.smoke else 12)), eval_cfg)

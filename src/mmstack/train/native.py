@@ -13,7 +13,7 @@ checkpoint folder (decoder, caption tokenizer, a copy of the VQ tokenizer, run f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,8 @@ from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.seeding import seed_everything
 
+PROMPT_MODES = ("canonical", "complete", "all", "pair")
+
 
 @dataclass
 class NativeDataSection:
@@ -38,7 +40,8 @@ class NativeDataSection:
 
     ``mix``: items per task per epoch, as a multiple of the number of images (t2i, i2t, t2v, v2t).
     ``p_uncond``: condition dropout of generation examples (5-10% gives guidance its unconditional branch).
-    ``prompts``: which captions prompt generation (``complete``, ``all``, ``pair``; see ``native_data``).
+    ``prompts``: which captions prompt generation: ``canonical`` (the scene's first caption, the same one
+    captioning writes), or ``complete``, ``all``, ``pair`` (see ``native_data``).
     ``clip_frames``: frames per clip (evenly spaced). ``cache_dir``: where codes are cached.
     ``train_visual``: captioning examples also train their image/clip block as an unconditional image.
     """
@@ -58,8 +61,8 @@ class NativeDataSection:
             raise ConfigError(f"data.mix weights must be >= 0 with at least one > 0, got {self.mix}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ConfigError(f"data.p_uncond must be in [0, 1), got {self.p_uncond}")
-        if self.prompts not in ("complete", "all", "pair"):
-            raise ConfigError(f"data.prompts must be complete, all or pair, got {self.prompts!r}")
+        if self.prompts not in PROMPT_MODES:
+            raise ConfigError(f"data.prompts must be one of {', '.join(PROMPT_MODES)}, got {self.prompts!r}")
         if self.clip_frames < 1:
             raise ConfigError(f"data.clip_frames must be >= 1, got {self.clip_frames}")
 
@@ -128,6 +131,11 @@ class NativeTask(Task):
 # -------------------------------------------------------------------------------------------- build
 
 
+def canonical_prompts(records: NativeRecords) -> NativeRecords:
+    """The records with each image's (and clip's) captioning target as its only generation prompt."""
+    return replace(records, prompts=[[t] for t in records.targets], clip_prompts=[[t] for t in records.clip_targets])
+
+
 def build_tokenizer(records: NativeRecords, vocab_size: int):
     """A word-level caption tokenizer over every caption of the data."""
     from mmstack.processing.tokenizer import train_caption_tokenizer
@@ -177,8 +185,10 @@ def train_native(
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     vq = VQModel.from_pretrained(tokenizer)
-    records = read_native_data(data, cfg.data.prompts, cfg.data.clip_frames)
-    text_tok = build_tokenizer(records, cfg.tokenizer_vocab_size)
+    canonical = cfg.data.prompts == "canonical"
+    records = read_native_data(data, "all" if canonical else cfg.data.prompts, cfg.data.clip_frames)
+    text_tok = build_tokenizer(records, cfg.tokenizer_vocab_size)  # every phrasing, so any prompt reads
+    records = canonical_prompts(records) if canonical else records
     codes = tokenize_visuals(vq, records, _cache_dir(cfg))
     model = NativeModel(cfg.model, NativeVocab(len(text_tok), vq.codebook_size, vq.grid), text_tok, vq)
     dataset = build_dataset(cfg, model, records, codes)
