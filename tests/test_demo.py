@@ -27,3 +27,17 @@ def test_demo_rejects_unknown_stage(tmp_path, run_cli):
     res = run_cli("demo", "--smoke", "--out", tmp_path, "--only", "nope")
     assert res.code == 2
     assert "unknown stage 'nope'" in res.err
+
+
+def test_editing_a_recipe_file_invalidates_its_stage(tmp_path):
+    from mmstack.demo.pipeline import DemoContext, Stage, StageResult, _stage_key
+
+    recipe = tmp_path / "clip-demo.yaml"
+    recipe.write_text("train: {max_steps: 900}\n")
+    stage = Stage("clip", "t", lambda ctx, cfg: StageResult(), recipes=(("config", "x.yaml", "y.yaml"),))
+    ctx = DemoContext(out=tmp_path, config={})
+    cfg = {"config": str(recipe)}
+    before = _stage_key(stage, cfg, ctx, {})
+    assert _stage_key(stage, cfg, ctx, {}) == before  # unchanged file: cached
+    recipe.write_text("train: {max_steps: 800}\n")
+    assert _stage_key(stage, cfg, ctx, {}) != before  # edited recipe: the stage runs again

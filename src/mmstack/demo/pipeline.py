@@ -52,6 +52,9 @@ class Stage:
     title: str
     run: Callable[[DemoContext, dict[str, Any]], StageResult]
     needs: tuple[str, ...] = ()
+    # Recipe files the stage reads: (key in its config section, smoke default, full default). Their contents
+    # are part of the cache key, so editing configs/clip-demo.yaml retrains the CLIP.
+    recipes: tuple[tuple[str, str, str], ...] = ()
 
 
 def _stages() -> list[Stage]:
@@ -68,18 +71,52 @@ def _stages() -> list[Stage]:
 
     return [
         Stage("world", "The shapes world", world_stage.run),
-        Stage("clip", "Two-tower (CLIP) model", clip_stage.run, needs=("world",)),
+        Stage("clip", "Two-tower (CLIP) model", clip_stage.run, ("world",), (("config", *_pair("clip")),)),
         Stage("index", "Collections: index and search", index_stage.run, needs=("world", "clip")),
-        Stage("vlm", "Bridge VLM (LLaVA-style)", vlm_stage.run, needs=("world", "clip")),
-        Stage("native", "Native model (VQ tokens + one decoder)", native_stage.run, needs=("world",)),
-        Stage("align", "Preference alignment (reward model, DPO)", align_stage.run, needs=("world", "vlm")),
+        Stage("vlm", "Bridge VLM (LLaVA-style)", vlm_stage.run, ("world", "clip"), (("config", *_pair("llava")),)),
+        Stage(
+            "native",
+            "Native model (VQ tokens + one decoder)",
+            native_stage.run,
+            ("world",),
+            (("vq_config", *_pair("vq")), ("native_config", *_pair("native"))),
+        ),
+        Stage(
+            "align",
+            "Preference alignment (reward model, DPO)",
+            align_stage.run,
+            ("world", "vlm"),
+            tuple((f"{k}_config", *_pair(k)) for k in ("reward", "dpo", "ppo")),
+        ),
         Stage("rag", "Multimodal RAG with citations", rag_stage.run, needs=("clip", "vlm")),
         Stage("serve", "Serving", serve_stage.run, needs=("clip", "index", "vlm", "native", "rag")),
     ]
 
 
+def _pair(family: str) -> tuple[str, str]:
+    """The (smoke, full) recipe file names of a family: ``clip-micro.yaml``, ``clip-demo.yaml``."""
+    return f"{family}-micro.yaml", f"{family}-demo.yaml"
+
+
+def _recipe_digests(stage: Stage, cfg: dict[str, Any], ctx: DemoContext) -> dict[str, str]:
+    """A content hash of each recipe file the stage will read (its name when the file is missing)."""
+    from mmstack.config import configs_dir
+
+    out = {}
+    for key, smoke, full in stage.recipes:
+        name = str(cfg.get(key, smoke if ctx.smoke else full))
+        path = Path(name) if Path(name).is_file() else configs_dir() / name
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else name
+    return out
+
+
 def _stage_key(stage: Stage, cfg: dict[str, Any], ctx: DemoContext, keys: dict[str, str]) -> str:
-    payload = {"stage": stage.name, "config": cfg, "needs": {n: keys.get(n) for n in stage.needs}}
+    payload = {
+        "stage": stage.name,
+        "config": cfg,
+        "recipes": _recipe_digests(stage, cfg, ctx),
+        "needs": {n: keys.get(n) for n in stage.needs},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
