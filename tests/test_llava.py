@@ -208,3 +208,17 @@ def test_vision_tower_from_a_two_tower_checkpoint(world, tmp_path):
     mine, theirs = model.vision_tower.state_dict(), tt.vision_model.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert model.processor.config.image == tt.processor.image_config  # the tower's own preprocessing
+
+
+def test_retrained_vision_checkpoint_invalidates_every_stage(world, tmp_path):
+    from mmstack.train.llava import stage_run_config
+
+    ckpt = tmp_path / "clip"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights v1")
+    cfg = _cfg(world, f"model.vision.pretrained={ckpt}")
+    before = [stage_run_config(cfg, s, tmp_path / "run") for s in (0, 1, 2)]
+    assert [stage_run_config(cfg, s, tmp_path / "run") for s in (0, 1, 2)] == before
+    (ckpt / "model.safetensors").write_bytes(b"weights v2")  # same path, retrained weights
+    after = [stage_run_config(cfg, s, tmp_path / "run") for s in (0, 1, 2)]
+    assert all(a != b for a, b in zip(after, before, strict=True))

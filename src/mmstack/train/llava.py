@@ -369,9 +369,24 @@ def stage_run_config(cfg: LlavaRecipeConfig, s: int, out: Path) -> dict[str, Any
     full = to_dict(cfg)
     deps = {k: full[k] for k in ("model", "processor")}
     deps["data"] = {"train": full["data"]["train"], "val": full["data"]["val"] if s == 2 else None}
+    # Every stage's model carries the pretrained towers' weights: retraining them (a new demo CLIP) must
+    # invalidate the stages even though their paths did not change.
+    deps["weights"] = {t: weights_fingerprint(getattr(cfg.model, t).pretrained) for t in ("vision", "text")}
     if cfg.stage(s).language == "lora":
         deps["lora"] = full["lora"]
     return {**deps, "stage": s, f"stage{s}": full[f"stage{s}"], "previous": _previous_hash(out, s)}
+
+
+def weights_fingerprint(source: str | None) -> str | None:
+    """A content hash of a local checkpoint folder's weight files (a hub id or None as given)."""
+    if not source or not Path(source).is_dir():
+        return source
+    digest = hashlib.sha256()
+    for f in sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _previous_hash(out: Path, s: int) -> str | None:
