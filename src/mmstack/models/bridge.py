@@ -374,18 +374,10 @@ class BridgeModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` (family ``bridge``), ``model.safetensors``, the processor and a model card."""
-        from safetensors.torch import save_model
-
-        path = Path(path)
         if hasattr(self.language_model, "get_base_model"):
             raise ModelError("merge the LoRA adapters (merge_lora) before saving the model")
-        with atomic_dir(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps({"family": FAMILY, **to_dict(self.config)}, indent=2) + "\n")
-            save_model(self, str(tmp / "model.safetensors"))
-            if self.processor is not None:
-                self.processor.save_pretrained(tmp)
-            (tmp / "README.md").write_text(model_card(self, card or {}))
-        return path
+        config = {"family": FAMILY, **to_dict(self.config)}
+        return write_checkpoint(self, path, config, self.processor, model_card(self, card or {}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **_: Any) -> BridgeModel:
@@ -393,7 +385,7 @@ class BridgeModel(nn.Module):
         from safetensors.torch import load_model
 
         path = Path(path)
-        raw = _read_config(path)
+        raw = read_checkpoint_config(path)
         if raw.get("model_type") == "llava" and "family" not in raw:
             from mmstack.models.bridge_hf import import_llava
 
@@ -449,10 +441,26 @@ def _pool_grid(hs: torch.Tensor, gh: int, gw: int, pool: int, has_cls: bool) -> 
     return torch.cat([cls, pooled], dim=1) if cls is not None else pooled
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def write_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any], processor: Any, readme: str) -> Path:
+    """Atomically write a checkpoint folder: ``config.json``, ``model.safetensors``, the processor, README."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_model(model, str(tmp / "model.safetensors"))
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(readme)
+    return path
+
+
+def read_checkpoint_config(
+    path: Path, what: str = "a bridge checkpoint folder (or an HF Llava folder)"
+) -> dict[str, Any]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise ModelError(f"{path} has no config.json: pass a bridge checkpoint folder (or an HF Llava folder)")
+        raise ModelError(f"{path} has no config.json: pass {what}")
     try:
         return json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

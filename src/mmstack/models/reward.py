@@ -32,8 +32,9 @@ from mmstack.models.bridge import (
     count_parameters,
     lm_parts,
     positions_from_mask,
+    read_checkpoint_config,
+    write_checkpoint,
 )
-from mmstack.utils.atomic import atomic_dir
 
 FAMILY = "reward"
 
@@ -136,19 +137,10 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` (family ``reward``), ``model.safetensors``, the processor and a model card."""
-        from safetensors.torch import save_model
-
-        path = Path(path)
         if hasattr(self.vlm.language_model, "get_base_model"):
             raise ModelError("merge the LoRA adapters (merge_lora) before saving the reward model")
-        with atomic_dir(path) as tmp:
-            cfg = {"family": FAMILY, "bridge": to_dict(self.vlm.config)}
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            save_model(self, str(tmp / "model.safetensors"))
-            if self.processor is not None:
-                self.processor.save_pretrained(tmp)
-            (tmp / "README.md").write_text(model_card(self, card or {}))
-        return path
+        config = {"family": FAMILY, "bridge": to_dict(self.vlm.config)}
+        return write_checkpoint(self, path, config, self.processor, model_card(self, card or {}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **_: Any) -> RewardModel:
@@ -156,7 +148,7 @@ class RewardModel(nn.Module):
         from safetensors.torch import load_model
 
         path = Path(path)
-        raw = _read_config(path)
+        raw = read_checkpoint_config(path, "a reward checkpoint folder (mmstack train reward --out)")
         if raw.get("family") != FAMILY:
             raise ModelError(
                 f"{path} holds a {raw.get('family')!r} checkpoint, not a reward model; "
@@ -186,16 +178,6 @@ class RewardModel(nn.Module):
 def _with_image(prompt: str, has_image: bool) -> str:
     """The prompt as the processor's generation template writes it (``<image>`` line first)."""
     return f"<image>\n{prompt}" if has_image and "<image>" not in prompt else prompt
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{path} has no config.json: pass a reward checkpoint folder (mmstack train reward --out)")
-    try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{cfg_path} is not valid JSON ({err}); the checkpoint is damaged") from None
 
 
 def model_card(model: RewardModel, card: dict[str, Any]) -> str:

@@ -12,6 +12,8 @@ while the other ranks wait, so a later stage that loads the checkpoint finds it 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -148,3 +150,23 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def fingerprint(path: str | Path | None) -> str | None:
+    """Identity of an input file or checkpoint folder: path, size and modification time of its files."""
+    if not path:
+        return None
+    path = Path(path)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def run_key(run_config: dict[str, Any]) -> str:
+    """A short stable hash of a run's config and input fingerprints (what decides reuse vs retrain)."""
+    return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]

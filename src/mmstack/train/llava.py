@@ -17,7 +17,6 @@ stage starts from that checkpoint. A stage whose checkpoint exists for the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -32,7 +31,7 @@ from mmstack.errors import ConfigError, ModelError
 from mmstack.models.bridge import BridgeModel, _quiet_transformers, count_parameters
 from mmstack.models.connectors import ConnectorConfig
 from mmstack.processing.bridge_processor import BridgeProcessor
-from mmstack.train.checkpoint import save_finished_run
+from mmstack.train.checkpoint import fingerprint, run_key, save_finished_run
 from mmstack.train.llava_data import DESCRIBE, FolderData, SourceSpec, VlmBatches
 from mmstack.train.optim import default_param_groups
 from mmstack.train.task import Task
@@ -313,10 +312,6 @@ def stage_dir(out: Path, s: int) -> Path:
     return Path(out) / f"stage{s}"
 
 
-def _config_hash(d: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) -> dict[str, Any]:
     """Train stage ``s`` (0, 1 or 2), starting from stage ``s - 1``'s checkpoint; returns its summary."""
     stage = cfg.stage(s)
@@ -324,7 +319,7 @@ def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) ->
     if not stage.enabled or (s == 0 and cfg.model.text.pretrained):
         return {"stage": s, "skipped": True}
     run_config = stage_run_config(cfg, s, out)
-    key = _config_hash(run_config)
+    key = run_key(run_config)
     done = run / "done.json"
     if resume and done.is_file() and json.loads(done.read_text()).get("key") == key and (run / "model").is_dir():
         console.print(f"stage {s}: reusing {run / 'model'} (config unchanged)")
@@ -371,22 +366,10 @@ def stage_run_config(cfg: LlavaRecipeConfig, s: int, out: Path) -> dict[str, Any
     deps["data"] = {"train": full["data"]["train"], "val": full["data"]["val"] if s == 2 else None}
     # Every stage's model carries the pretrained towers' weights: retraining them (a new demo CLIP) must
     # invalidate the stages even though their paths did not change.
-    deps["weights"] = {t: weights_fingerprint(getattr(cfg.model, t).pretrained) for t in ("vision", "text")}
+    deps["weights"] = {t: fingerprint(getattr(cfg.model, t).pretrained) for t in ("vision", "text")}
     if cfg.stage(s).language == "lora":
         deps["lora"] = full["lora"]
     return {**deps, "stage": s, f"stage{s}": full[f"stage{s}"], "previous": _previous_hash(out, s)}
-
-
-def weights_fingerprint(source: str | None) -> str | None:
-    """A content hash of a local checkpoint folder's weight files (a hub id or None as given)."""
-    if not source or not Path(source).is_dir():
-        return source
-    digest = hashlib.sha256()
-    for f in sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _previous_hash(out: Path, s: int) -> str | None:

@@ -4,9 +4,7 @@ and the run bookkeeping that lets a finished run with an unchanged config and in
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,8 +13,10 @@ from torch import nn
 
 from mmstack.errors import ConfigError, ModelError
 from mmstack.models.bridge import BridgeModel
+from mmstack.train.checkpoint import fingerprint, run_key
 from mmstack.train.llava import LoraSection, merge_lora
 from mmstack.utils.atomic import atomic_write_json
+from mmstack.utils.progress import console
 
 __all__ = [
     "AlignDataSection",
@@ -111,25 +111,6 @@ def frozen_reference(model: nn.Module) -> nn.Module:
     return ref
 
 
-def fingerprint(path: str | Path | None) -> str | None:
-    """Identity of an input file or checkpoint folder: path, size and modification time of its files."""
-    if not path:
-        return None
-    path = Path(path)
-    if not path.exists():
-        return None
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def run_key(run_config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def finished_run(out: Path, key: str) -> dict[str, Any] | None:
     """The summary of a finished run in ``out`` with the same key (config and inputs), else None."""
     done = Path(out) / "done.json"
@@ -141,6 +122,17 @@ def finished_run(out: Path, key: str) -> dict[str, Any] | None:
 
 def mark_finished(out: Path, key: str, summary: dict[str, Any]) -> None:
     atomic_write_json(Path(out) / "done.json", {"key": key, "summary": summary})
+
+
+def reuse_or_restart(out: Path, run_config: dict[str, Any], name: str, resume: bool) -> tuple[str, dict | None]:
+    """``(key, summary)``: the summary of a finished run of the same config and inputs (to reuse), else
+    None after clearing a finished run of another config so it is not resumed."""
+    key = run_key(run_config)
+    if resume and (summary := finished_run(out, key)) is not None:
+        console.print(f"{name}: reusing {Path(out) / 'model'} (config and inputs unchanged)")
+        return key, {**summary, "cached": True}
+    restart_if_changed(out, key)
+    return key, None
 
 
 def restart_if_changed(out: Path, key: str) -> None:

@@ -30,11 +30,10 @@ from mmstack.train.align.common import (
     TrainableSection,
     apply_trainable,
     fingerprint,
-    finished_run,
     frozen_reference,
     merge_lora,
     require_bridge,
-    restart_if_changed,
+    reuse_or_restart,
     run_key,
 )
 from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
@@ -42,7 +41,6 @@ from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.atomic import atomic_write_bytes
-from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -196,11 +194,9 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
     out = Path(out)
     train_path = cfg.data.require_train()
     run_config = {"recipe": to_dict(cfg), "model": fingerprint(cfg.model), "data": fingerprint(train_path)}
-    key = run_key(run_config)
-    if resume and (summary := finished_run(out, key)) is not None:
-        console.print(f"dpo: reusing {out / 'model'} (config and inputs unchanged)")
-        return {**summary, "cached": True}
-    restart_if_changed(out, key)
+    key, cached = reuse_or_restart(out, run_config, "dpo", resume)
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     policy = require_bridge(cfg.model)

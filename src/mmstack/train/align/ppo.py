@@ -41,12 +41,10 @@ from mmstack.train.align.common import (
     TrainableSection,
     apply_trainable,
     fingerprint,
-    finished_run,
     frozen_reference,
     merge_lora,
     require_bridge,
-    restart_if_changed,
-    run_key,
+    reuse_or_restart,
 )
 from mmstack.train.align.data import PromptBatches, load_preferences
 from mmstack.train.align.dpo import EvalSection, evaluate_policy
@@ -54,7 +52,6 @@ from mmstack.train.align.rollout import Samples, response_logps, response_values
 from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
-from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
 
 
@@ -233,11 +230,9 @@ def train_ppo(cfg: PpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
         "reward": fingerprint(cfg.reward),
         "data": fingerprint(train_path),
     }
-    key = run_key(run_config)
-    if resume and (summary := finished_run(out, key)) is not None:
-        console.print(f"ppo: reusing {out / 'model'} (config and inputs unchanged)")
-        return {**summary, "cached": True}
-    restart_if_changed(out, key)
+    key, cached = reuse_or_restart(out, run_config, "ppo", resume)
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     policy = require_bridge(cfg.model)

@@ -27,17 +27,14 @@ from mmstack.train.align.common import (
     TrainableSection,
     apply_trainable,
     fingerprint,
-    finished_run,
     merge_lora,
     require_bridge,
-    restart_if_changed,
-    run_key,
+    reuse_or_restart,
 )
 from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
 from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
-from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
 
 
@@ -87,11 +84,9 @@ def train_reward(cfg: RewardRecipeConfig, out: str | Path, resume: bool = True) 
     out = Path(out)
     train_path = cfg.data.require_train()
     run_config = {"recipe": to_dict(cfg), "model": fingerprint(cfg.model), "data": fingerprint(train_path)}
-    key = run_key(run_config)
-    if resume and (summary := finished_run(out, key)) is not None:
-        console.print(f"reward: reusing {out / 'model'} (config and inputs unchanged)")
-        return {**summary, "cached": True}
-    restart_if_changed(out, key)
+    key, cached = reuse_or_restart(out, run_config, "reward", resume)
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     seed_everything(cfg.train.seed)
     model = build_reward_model(cfg)
