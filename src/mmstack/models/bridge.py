@@ -382,7 +382,6 @@ class BridgeModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, **_: Any) -> BridgeModel:
         """Load an mmstack bridge checkpoint folder, or import an HF ``LlavaForConditionalGeneration`` folder."""
-        from safetensors.torch import load_model
 
         path = Path(path)
         raw = read_checkpoint_config(path)
@@ -396,18 +395,7 @@ class BridgeModel(nn.Module):
         cfg = from_dict(BridgeConfig, raw, where=str(path / "config.json"))
         with _quiet_transformers():
             model = cls(cfg)
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise ModelError(f"{path} has no model.safetensors; the checkpoint is incomplete")
-        missing, unexpected = load_model(model, str(weights), strict=False)
-        if missing or unexpected:
-            raise ModelError(
-                f"{weights} does not match its config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-            )
-        if (path / "bridge_processor.json").is_file():
-            from mmstack.processing.bridge_processor import BridgeProcessor
-
-            model.processor = BridgeProcessor.from_pretrained(path)
+        model.processor = load_checkpoint_weights(model, path)
         return model.eval()
 
 
@@ -453,6 +441,26 @@ def write_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any],
             processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(readme)
     return path
+
+
+def load_checkpoint_weights(model: nn.Module, path: Path) -> Any:
+    """Load ``path/model.safetensors`` into ``model`` (every key must match); returns the saved
+    ``BridgeProcessor`` when the folder has one, else None."""
+    from safetensors.torch import load_model
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{path} has no model.safetensors; the checkpoint is incomplete")
+    missing, unexpected = load_model(model, str(weights), strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"{weights} does not match its config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    if not (path / "bridge_processor.json").is_file():
+        return None
+    from mmstack.processing.bridge_processor import BridgeProcessor
+
+    return BridgeProcessor.from_pretrained(path)
 
 
 def read_checkpoint_config(

@@ -31,6 +31,7 @@ from mmstack.models.bridge import (
     _quiet_transformers,
     count_parameters,
     lm_parts,
+    load_checkpoint_weights,
     positions_from_mask,
     read_checkpoint_config,
     write_checkpoint,
@@ -145,7 +146,6 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, **_: Any) -> RewardModel:
         """Load a reward checkpoint folder written by ``save_pretrained``."""
-        from safetensors.torch import load_model
 
         path = Path(path)
         raw = read_checkpoint_config(path, "a reward checkpoint folder (mmstack train reward --out)")
@@ -157,18 +157,7 @@ class RewardModel(nn.Module):
         cfg = from_dict(BridgeConfig, raw.get("bridge"), where=f"{path / 'config.json'}: bridge")
         with _quiet_transformers():
             model = cls(BridgeModel(cfg))
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise ModelError(f"{path} has no model.safetensors; the checkpoint is incomplete")
-        missing, unexpected = load_model(model, str(weights), strict=False)
-        if missing or unexpected:
-            raise ModelError(
-                f"{weights} does not match its config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-            )
-        if (path / "bridge_processor.json").is_file():
-            from mmstack.processing.bridge_processor import BridgeProcessor
-
-            model.vlm.processor = BridgeProcessor.from_pretrained(path)
+        model.vlm.processor = load_checkpoint_weights(model, path)
         return model.eval()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,14 @@ import torch
 from mmstack.config import to_dict
 from mmstack.errors import ConfigError, DataError
 from mmstack.train.checkpoint import RunInfo, RunResult, finish_run, work_dir
-from mmstack.train.clip_data import AugmentConfig, PairTensors, cached_pixels, scene_captions, scene_twins
+from mmstack.train.clip_data import (
+    AugmentConfig,
+    PairTensors,
+    cache_home,
+    cached_pixels,
+    scene_captions,
+    scene_twins,
+)
 from mmstack.train.clip_task import ClipTask
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.progress import console
@@ -209,7 +215,7 @@ def pixel_stats(pixels: torch.Tensor, max_images: int = 4096) -> dict[str, tuple
 def _cache_dir(cfg: ClipRecipeConfig) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
-    return Path(os.environ.get("MMSTACK_CACHE", Path.home() / ".cache" / "mmstack")) / "pixels"
+    return cache_home() / "pixels"
 
 
 # --------------------------------------------------------------------------------------------- model

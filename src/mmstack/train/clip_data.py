@@ -192,6 +192,11 @@ def scene_captions(data_dir: Path, ids: list[str | None]) -> list[list[str]] | N
     return [by_id[str(i)] for i in ids]
 
 
+def cache_home() -> Path:
+    """Where training caches live unless a recipe names a folder: ``$MMSTACK_CACHE`` or ``~/.cache/mmstack``."""
+    return Path(os.environ.get("MMSTACK_CACHE", Path.home() / ".cache" / "mmstack"))
+
+
 def cache_key(paths: list[Path], spec: dict[str, Any]) -> str:
     """A hash of the image files (path, size, mtime) and of the preprocessing that turns them into pixels."""
     h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())

@@ -209,8 +209,8 @@ def train_native(
 
 
 def _cache_dir(cfg: NativeRecipeConfig) -> Path:
-    import os
+    from mmstack.train.clip_data import cache_home
 
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
-    return Path(os.environ.get("MMSTACK_CACHE", Path.home() / ".cache" / "mmstack")) / "codes"
+    return cache_home() / "codes"

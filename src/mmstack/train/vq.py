@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +103,10 @@ def image_paths(data: str | Path, clips: bool, max_images: int | None = None) ->
 
 def load_pixels(paths: list[Path], size: int, cache_dir: str | None) -> torch.Tensor:
     """uint8 (N, 3, size, size) pixels of ``paths``, decoded once and cached."""
-    from mmstack.train.clip_data import cached_pixels
+    from mmstack.train.clip_data import cache_home, cached_pixels
     from mmstack.train.native_data import _to_uint8
 
-    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("MMSTACK_CACHE", Path.home() / ".cache" / "mmstack"))
+    cache = Path(cache_dir) if cache_dir else cache_home()
     return cached_pixels(paths, lambda p: _to_uint8(p, size), {"vq_pixels": size}, cache / "pixels")
 
 
