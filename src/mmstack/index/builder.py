@@ -151,12 +151,15 @@ def build_index(
     cfg: BuildConfig | None = None,
     ann: AnnConfig | None = None,
     model_refs: dict[str, str | None] | None = None,
+    embed: Callable[..., None] | None = None,
 ) -> BuildReport:
     """Index ``sources`` into collection ``db`` (a folder, created if needed, or ``qdrant://...``).
 
     Args:
         embedders: the image-space model (or None) and the text-space encoder (or a factory for it).
         model_refs: per space, how to load its query embedder later (a checkpoint path, ``"minilm"``).
+        embed: ``fn(store, todo, report, errors)`` that embeds and writes the planned units instead of the
+            local loop (the Ray Data path); planning, errors and the ANN refresh stay here.
     """
     cfg, ann = cfg or BuildConfig(), ann or AnnConfig()
     if not sources:
@@ -167,7 +170,10 @@ def build_index(
         if embedders.image is not None:
             check_space(store, "image", embedders.image, (model_refs or {}).get("image"))
         todo, errors = _plan(store, sources, _local_folder(db), cfg, report)
-        _embed_all(store, todo, embedders, cfg, report, errors, model_refs or {})
+        if embed is None:
+            _embed_all(store, todo, embedders, cfg, report, errors, model_refs or {})
+        else:
+            embed(store, todo, report, errors)
         store.set_errors(errors)
         report.skipped = [{"path": p, "error": e} for p, e in errors.values()]
         if isinstance(store, SqliteStore):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,10 @@ from mmstack.index.builder import (
     Embedders,
     _embed_batch,
     _load,
-    _local_folder,
-    _plan,
-    _refresh_ann,
-    check_space,
+    build_index,
     drop_collection,
-    open_store,
 )
 from mmstack.index.embedders import MINILM_NAMES, Embedder, load_embedder
-from mmstack.index.store import SqliteStore
 from mmstack.utils.progress import make_progress
 
 
@@ -214,22 +209,13 @@ def build_collection_ray(
         text_real = lambda: load_embedder(text_spec)  # noqa: E731  (loaded only if a document needs it)
     if rebuild:
         drop_collection(db)
-    t0 = time.perf_counter()
-    report = BuildReport()
-    with open_store(db, create=True) as store:
-        if is_image:
-            check_space(store, "image", main, refs.get("image"))
-        todo, errors = _plan(store, sources, _local_folder(db), cfg, report)
+
+    def embed(store: Any, todo: Any, report: BuildReport, errors: dict) -> None:
         drivers = _driver_embedders(main if is_image else None, text_real, cfg.text_space)
         _embed_with_ray(store, todo, specs, drivers, cfg, ray_cfg, report, errors, refs)
-        store.set_errors(errors)
-        report.skipped = [{"path": p, "error": e} for p, e in errors.values()]
-        if isinstance(store, SqliteStore):
-            store.set_meta("ann", asdict(ann))
-            _refresh_ann(store, ann)
-        report.rows = store.count()
-    report.seconds = time.perf_counter() - t0
-    return report
+
+    embedders = Embedders(main if is_image else None, text_real)
+    return build_index(db, sources, embedders, cfg, ann, refs, embed=embed)
 
 
 def _spec(spec: str | None) -> str | None:
