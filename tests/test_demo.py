@@ -34,7 +34,7 @@ def test_editing_a_recipe_file_invalidates_its_stage(tmp_path):
 
     recipe = tmp_path / "clip-demo.yaml"
     recipe.write_text("train: {max_steps: 900}\n")
-    stage = Stage("clip", "t", lambda ctx, cfg: StageResult(), recipes=(("config", "x.yaml", "y.yaml"),))
+    stage = Stage("clip", "t", lambda ctx, cfg: StageResult(), recipes=(("config", "clip"),))
     ctx = DemoContext(out=tmp_path, config={})
     cfg = {"config": str(recipe)}
     before = _stage_key(stage, cfg, ctx, {})

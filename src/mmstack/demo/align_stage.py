@@ -22,19 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmstack.demo.pipeline import DemoContext, StageResult
+from mmstack.demo.pipeline import DemoContext, StageResult, recipe_name
 from mmstack.utils.progress import console
 
 SMOKE = {
-    "reward_config": "reward-micro.yaml",
-    "dpo_config": "dpo-micro.yaml",
-    "ppo_config": "ppo-micro.yaml",
     "eval_limit": 10,
 }
 DEFAULTS = {
-    "reward_config": "reward-demo.yaml",
-    "dpo_config": "dpo-demo.yaml",
-    "ppo_config": "ppo-demo.yaml",
     "eval_limit": 300,
 }
 
@@ -71,14 +65,17 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     data = {"train": str(dirs["train"]), "cache": cache}
     reward_cfg = _recipe(
         RewardRecipeConfig,
-        cfg["reward_config"],
+        recipe_name(ctx, cfg, "reward_config", "reward"),
         {"model": str(vlm), "data": {**data, "val": str(dirs["val"])}},
         extra.get("reward"),
     )
     reward = train_reward(reward_cfg, ctx.path("models", "reward"))
     evaluation = {"data": str(dirs["val"]), "limit": int(cfg["eval_limit"])}
     dpo_cfg = _recipe(
-        DpoRecipeConfig, cfg["dpo_config"], {"model": str(vlm), "data": data, "eval": evaluation}, extra.get("dpo")
+        DpoRecipeConfig,
+        recipe_name(ctx, cfg, "dpo_config", "dpo"),
+        {"model": str(vlm), "data": data, "eval": evaluation},
+        extra.get("dpo"),
     )
     dpo = train_dpo(dpo_cfg, ctx.path("models", "vlm-dpo"))
     ppo = None
@@ -87,7 +84,8 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
 
         fields = {"model": str(vlm), "reward": reward["model"], "data": data, "eval": evaluation}
         ppo = train_ppo(
-            _recipe(PpoRecipeConfig, cfg["ppo_config"], fields, extra.get("ppo")), ctx.path("models", "vlm-ppo")
+            _recipe(PpoRecipeConfig, recipe_name(ctx, cfg, "ppo_config", "ppo"), fields, extra.get("ppo")),
+            ctx.path("models", "vlm-ppo"),
         )
     example = before_after_example(vlm, Path(dpo["model"]), dirs["val"], ctx.path("align"))
     metrics = _metrics(reward, dpo, ppo)

@@ -22,7 +22,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from mmstack.demo.pipeline import DemoContext, StageResult
+from mmstack.demo.pipeline import DemoContext, StageResult, recipe_name
 from mmstack.utils.progress import console
 
 SPLITS = ("train", "val", "compositional")
@@ -56,7 +56,7 @@ def recipe(ctx: DemoContext, cfg: dict[str, Any]):
     overrides = merge(cfg.get("overrides") or {}, {"data": {"cache_dir": str(ctx.path("cache", "pixels"))}})
     if cfg.get("max_steps"):
         overrides = merge(overrides, {"train": {"max_steps": int(cfg["max_steps"])}})
-    name = cfg.get("config", "clip-micro.yaml" if ctx.smoke else "clip-demo.yaml")
+    name = recipe_name(ctx, cfg, "config", "clip")
     return load_config(ClipRecipeConfig, configs_dir() / name, overrides=overrides)
 
 

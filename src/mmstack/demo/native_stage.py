@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmstack.demo.pipeline import DemoContext, StageResult
+from mmstack.demo.pipeline import DemoContext, StageResult, recipe_name
 from mmstack.utils.progress import console
 
 SMOKE_EVAL = {"n_generate": 8, "n_caption": 8, "n_unconstrained": 4, "n_clips": 4, "batch_size": 8}
@@ -76,8 +76,8 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     from mmstack.train.vq import VQRecipeConfig, train_vq
 
     dirs = world_dirs(ctx)
-    vq_name = cfg.get("vq_config", "vq-micro.yaml" if ctx.smoke else "vq-demo.yaml")
-    nat_name = cfg.get("native_config", "native-micro.yaml" if ctx.smoke else "native-demo.yaml")
+    vq_name = recipe_name(ctx, cfg, "vq_config", "vq")
+    nat_name = recipe_name(ctx, cfg, "native_config", "native")
     vq_cfg = _recipe(VQRecipeConfig, vq_name, cfg.get("vq_overrides", {}), ctx.path("cache", "pixels"))
     nat_cfg = _recipe(NativeRecipeConfig, nat_name, cfg.get("native_overrides", {}), ctx.path("cache", "codes"))
     vq_out, nat_out = ctx.path("models", "vq"), ctx.path("models", "native")

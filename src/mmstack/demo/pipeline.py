@@ -52,9 +52,9 @@ class Stage:
     title: str
     run: Callable[[DemoContext, dict[str, Any]], StageResult]
     needs: tuple[str, ...] = ()
-    # Recipe files the stage reads: (key in its config section, smoke default, full default). Their contents
+    # Recipe files the stage reads: (key in its config section, family), see ``recipe_name``. Their contents
     # are part of the cache key, so editing configs/clip-demo.yaml retrains the CLIP.
-    recipes: tuple[tuple[str, str, str], ...] = ()
+    recipes: tuple[tuple[str, str], ...] = ()
 
 
 def _stages() -> list[Stage]:
@@ -71,31 +71,32 @@ def _stages() -> list[Stage]:
 
     return [
         Stage("world", "The shapes world", world_stage.run),
-        Stage("clip", "Two-tower (CLIP) model", clip_stage.run, ("world",), (("config", *_pair("clip")),)),
+        Stage("clip", "Two-tower (CLIP) model", clip_stage.run, ("world",), (("config", "clip"),)),
         Stage("index", "Collections: index and search", index_stage.run, needs=("world", "clip")),
-        Stage("vlm", "Bridge VLM (LLaVA-style)", vlm_stage.run, ("world", "clip"), (("config", *_pair("llava")),)),
+        Stage("vlm", "Bridge VLM (LLaVA-style)", vlm_stage.run, ("world", "clip"), (("config", "llava"),)),
         Stage(
             "native",
             "Native model (VQ tokens + one decoder)",
             native_stage.run,
             ("world",),
-            (("vq_config", *_pair("vq")), ("native_config", *_pair("native"))),
+            (("vq_config", "vq"), ("native_config", "native")),
         ),
         Stage(
             "align",
             "Preference alignment (reward model, DPO)",
             align_stage.run,
             ("world", "vlm"),
-            tuple((f"{k}_config", *_pair(k)) for k in ("reward", "dpo", "ppo")),
+            tuple((f"{k}_config", k) for k in ("reward", "dpo", "ppo")),
         ),
         Stage("rag", "Multimodal RAG with citations", rag_stage.run, needs=("clip", "vlm")),
         Stage("serve", "Serving", serve_stage.run, needs=("clip", "index", "vlm", "native", "rag")),
     ]
 
 
-def _pair(family: str) -> tuple[str, str]:
-    """The (smoke, full) recipe file names of a family: ``clip-micro.yaml``, ``clip-demo.yaml``."""
-    return f"{family}-micro.yaml", f"{family}-demo.yaml"
+def recipe_name(ctx: DemoContext, cfg: dict[str, Any], key: str, family: str) -> str:
+    """The recipe a stage reads: ``cfg[key]`` when set, else ``<family>-micro.yaml`` (smoke) or
+    ``<family>-demo.yaml`` from configs/."""
+    return str(cfg.get(key, f"{family}-micro.yaml" if ctx.smoke else f"{family}-demo.yaml"))
 
 
 def _recipe_digests(stage: Stage, cfg: dict[str, Any], ctx: DemoContext) -> dict[str, str]:
@@ -103,8 +104,8 @@ def _recipe_digests(stage: Stage, cfg: dict[str, Any], ctx: DemoContext) -> dict
     from mmstack.config import configs_dir
 
     out = {}
-    for key, smoke, full in stage.recipes:
-        name = str(cfg.get(key, smoke if ctx.smoke else full))
+    for key, family in stage.recipes:
+        name = recipe_name(ctx, cfg, key, family)
         path = Path(name) if Path(name).is_file() else configs_dir() / name
         out[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else name
     return out

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmstack.demo.pipeline import DemoContext, StageResult
+from mmstack.demo.pipeline import DemoContext, StageResult, recipe_name
 from mmstack.utils.progress import console
 
 QUESTION_KINDS = ("colour", "shape", "count", "position", "relation")
@@ -38,7 +38,7 @@ def recipe(ctx: DemoContext, cfg: dict[str, Any], train_dir: Path):
     clip = ctx.path("models", "clip")
     if cfg.get("vision_from_clip", True) and (clip / "config.json").is_file():
         overrides = merge(overrides, {"model": {"vision": {"pretrained": str(clip)}}})
-    name = cfg.get("config", "llava-micro.yaml" if ctx.smoke else "llava-demo.yaml")
+    name = recipe_name(ctx, cfg, "config", "llava")
     return load_config(LlavaRecipeConfig, configs_dir() / name, overrides=overrides)
 
 
