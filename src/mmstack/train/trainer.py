@@ -28,6 +28,7 @@ from rich.progress import TextColumn
 
 from mmstack.config import to_dict
 from mmstack.errors import ConfigError, ModelError
+from mmstack.train.attention import ATTENTION_CHOICES, AttentionChoice, set_attention
 from mmstack.train.distributed import PARALLEL_MODES, Parallel, barrier, init_distributed, mean_over_ranks
 from mmstack.train.optim import build_optimizer, build_scheduler
 from mmstack.train.sampler import DistInfo, StepSampler
@@ -38,7 +39,7 @@ from mmstack.utils.progress import console, make_progress
 from mmstack.utils.seeding import seed_everything
 
 # Keys that may change between a run and its resumption (they do not change what a step computes).
-RESUMABLE_CHANGES = ("max_steps", "log_every", "save_every", "threads", "parallel")
+RESUMABLE_CHANGES = ("max_steps", "log_every", "save_every", "threads", "parallel", "attention")
 
 
 @dataclass
@@ -48,7 +49,9 @@ class TrainConfig:
     ``batch_size`` is the global batch of one optimiser step; it is split into ``accum_steps`` chunks
     (and, under torch.distributed, among ranks). ``parallel``: how several processes train one model,
     ``ddp`` (replicas, gradients averaged), ``fsdp`` (parameters, gradients and optimiser state sharded) or
-    ``none``; a single process ignores it.
+    ``none``; a single process ignores it. ``attention``: the HF attention kernel while training: ``auto``
+    (HF encoders go ``eager`` on a CPU, where ``sdpa``'s backward is slow; decoders keep theirs; see
+    ``mmstack.train.attention``), ``eager`` or ``sdpa``.
     """
 
     lr: float = 1e-3
@@ -67,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     parallel: Literal["ddp", "fsdp", "none"] = "ddp"
+    attention: AttentionChoice = "auto"
 
     def __post_init__(self) -> None:
         positive = {
@@ -89,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be in [0, 1), got {list(self.betas)}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.batch_size % self.accum_steps:
@@ -153,6 +159,7 @@ class Trainer:
         self.resume, self.on_step_end = resume, on_step_end
         self.sampler = StepSampler(len(data), cfg.batch_size, cfg.seed, self.dist)
         task.precision = cfg.precision
+        set_attention(task.model, cfg.attention)  # eager on CPU: see mmstack.train.attention
         # wrap before building the optimiser: FSDP replaces the parameters with sharded ones
         self.parallel = Parallel(task.model, cfg.parallel, self.dist)
         task.parallel = self.parallel if self.parallel.mode != "none" else None
