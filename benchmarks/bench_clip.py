@@ -5,8 +5,8 @@
 - training speed: our trainer (``ClipTask``) against open_clip's ``CLIP`` + ``ClipLoss`` with the same
   architecture on the same batches, each side in its own process (``benchmarks/clip_speed_worker.py``),
   alternated over rounds; the ratio of median samples/s.
-- embedding throughput: ``mmstack.eval.embed.embed_images`` (threaded decode, cached-free uint8 path,
-  fused normalisation) against a plain loop of HF ``CLIPProcessor`` + ``CLIPModel.get_image_features`` on
+- embedding throughput: ``mmstack.eval.embed.embed_images`` (decode of the next batch pipelined with the
+  model, fused normalisation; fp32, and bf16 autocast) against a plain loop of HF ``CLIPProcessor`` + ``CLIPModel.get_image_features`` on
   the same model exported with ``export_hf_clip``; features are checked to agree.
 
 ``quick`` uses the micro recipe and small worlds (about a minute) to check that everything runs.
@@ -179,6 +179,9 @@ def embedding_throughput(ckpt: Path, val: Path, batch_size: int = 256, repeats: 
     def ours() -> torch.Tensor:
         return embed_images(model, paths, batch_size=batch_size)
 
+    def ours_bf16() -> torch.Tensor:
+        return embed_images(model, paths, batch_size=batch_size, precision="bf16")
+
     def plain() -> torch.Tensor:
         out = []
         for i in range(0, len(paths), batch_size):
@@ -187,10 +190,10 @@ def embedding_throughput(ckpt: Path, val: Path, batch_size: int = 256, repeats: 
             out.append(hf_features(hf.get_image_features(pixel_values=inputs["pixel_values"])))
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    times: dict[str, list[float]] = {"ours": [], "ours_bf16": [], "hf": []}
     feats = {}
     for _ in range(repeats):
-        for name, fn in (("ours", ours), ("hf", plain)):
+        for name, fn in (("ours", ours), ("ours_bf16", ours_bf16), ("hf", plain)):
             t0 = time.perf_counter()
             feats[name] = fn()
             times[name].append(time.perf_counter() - t0)
@@ -202,6 +205,9 @@ def embedding_throughput(ckpt: Path, val: Path, batch_size: int = 256, repeats: 
         "hf_images_per_s": round(len(paths) / best["hf"], 1),
         "ratio": round(best["hf"] / best["ours"], 3),
         "max_abs_feature_diff": float((feats["ours"] - feats["hf"]).abs().max()),
+        "ours_bf16_images_per_s": round(len(paths) / best["ours_bf16"], 1),
+        "ratio_bf16": round(best["hf"] / best["ours_bf16"], 3),
+        "min_cosine_bf16_vs_hf": float((feats["ours_bf16"] * feats["hf"]).sum(-1).min()),
     }
 
 

@@ -251,3 +251,25 @@ def test_eval_cli(run_cli, world, checkpoint, tmp_path):
     (folder / "a.txt").write_text("a red circle")
     no_scenes = run_cli("eval", "zeroshot", "--model", checkpoint, "--data", folder)
     assert no_scenes.code == 2 and "scenes.jsonl" in no_scenes.err
+
+
+def test_embed_images_pipelined_batches_match_one_pass_and_bf16_stays_close(world, checkpoint):
+    from mmstack.data.images import load_image
+    from mmstack.data.pairs import read_pairs
+    from mmstack.errors import ConfigError
+    from mmstack.eval.embed import embed_images, embed_texts
+    from mmstack.models.two_tower import TwoTowerModel
+
+    model = TwoTowerModel.from_pretrained(checkpoint).eval()
+    pairs = read_pairs(world / "val")
+    paths = [p.image for p in pairs]
+    with torch.inference_mode():
+        direct = model.encode_image(model.processor.images([load_image(p) for p in paths]), normalize=True)
+    batched = embed_images(model, paths, batch_size=5)  # 16 images: 4 batches, decoded one batch ahead
+    torch.testing.assert_close(batched, direct, rtol=1e-5, atol=1e-5)
+    bf16 = embed_images(model, paths, batch_size=5, precision="bf16")
+    assert bf16.dtype == torch.float32 and float((bf16 * direct).sum(-1).min()) > 0.98
+    texts = [p.caption for p in pairs]
+    assert float((embed_texts(model, texts, precision="bf16") * embed_texts(model, texts)).sum(-1).min()) > 0.98
+    with pytest.raises(ConfigError, match="precision must be fp32 or bf16"):
+        embed_images(model, paths, precision="fp16")
