@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmstack.config import load_config
+from mmstack.errors import ConfigError
 from mmstack.models.two_tower import TwoTowerModel
 from mmstack.train.clip import ClipRecipeConfig, build_model, read_training_pairs, train_clip
 from mmstack.utils.seeding import seed_everything
@@ -153,3 +154,22 @@ def test_bad_data_gives_one_line_errors(tmp_path, run_cli):
     assert broken.code == 2 and "0.png" in broken.err and len(broken.err.strip().splitlines()) == 1
     no_cfg = run_cli("train", "clip", "--config", tmp_path / "none.yaml", "--data", bad, "--out", tmp_path / "z")
     assert no_cfg.code == 2 and "does not exist" in no_cfg.err
+
+
+def test_shape_captions_join_each_scenes_caption_list(tmp_path):
+    from mmstack.world import generate_world
+    from mmstack.world.language import shape_captions
+    from mmstack.world.scene import Scene
+
+    generate_world(tmp_path / "w", n=6, seed=5)
+    scenes = [json.loads(line) for line in (tmp_path / "w" / "scenes.jsonl").read_text().splitlines()]
+    plain = read_training_pairs(tmp_path / "w", "all")[1]
+    extra = read_training_pairs(tmp_path / "w", "all", shape_copies=2)[1]
+    for rec, before, after in zip(scenes, plain, extra, strict=True):
+        colourless = shape_captions(Scene.from_dict(rec))
+        assert after == before + colourless * 2
+        for obj in rec["objects"]:  # every shape named, no colour or size word
+            words = [c.replace(",", "").split() for c in colourless]
+            assert all(obj["shape"] in w and obj["colour"] not in w and obj["size"] not in w for w in words)
+    with pytest.raises(ConfigError, match=r"data\.shape_captions must be >= 0"):
+        load_config(ClipRecipeConfig, MICRO, overrides={"data": {"shape_captions": -1}})

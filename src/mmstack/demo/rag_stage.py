@@ -3,8 +3,10 @@ answered with their cited sources, and the world RAG benchmark against the no-re
 
 Config (``rag:`` in the demo YAML; defaults in brackets): ``clip`` [models/clip] and ``vlm``
 [models/vlm] (checkpoint folders inside the demo folder), ``seed`` [0], ``records`` [50], ``questions``
-[100], ``context_k`` [3], ``tune_examples`` [3000] conversations of ``tune_turns`` [4] questions,
-``tune_steps`` [300], ``tune_batch`` [16], ``tune_lr`` [1e-3]. The adapted VLM is written to ``models/vlm-rag``.
+[100], ``context_k`` [3], ``tune_examples`` [4800] conversations of ``tune_turns`` [4] questions,
+``tune_steps`` [1200], ``tune_batch`` [16], ``tune_lr`` [1e-3], ``tune_precision`` [bf16]. The adapted VLM is
+written to ``models/vlm-rag``. (300 fp32 steps gave answer accuracy 0.16 and 1200 bf16 steps 0.25 on the
+same models; the note questions, where retrieval is perfect, rose 0.15 -> 0.35.)
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
 
     train = TrainConfig(
         lr=float(cfg.get("tune_lr", 1e-3)),
-        warmup_steps=min(20, int(cfg.get("tune_steps", 300)) // 5),
-        max_steps=int(cfg.get("tune_steps", 300)),
+        warmup_steps=min(20, int(cfg.get("tune_steps", 1200)) // 5),
+        max_steps=int(cfg.get("tune_steps", 1200)),
+        precision=str(cfg.get("tune_precision", "bf16")),  # type: ignore[arg-type]
         batch_size=int(cfg.get("tune_batch", 16)),
         weight_decay=0.0,
         log_every=10,
     )
     tune_cfg = RagTuneConfig(
-        n_examples=int(cfg.get("tune_examples", 3000)),
+        n_examples=int(cfg.get("tune_examples", 4800)),
         turns=int(cfg.get("tune_turns", 4)),
         context_k=int(cfg.get("context_k", 3)),
         train=train,

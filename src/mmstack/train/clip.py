@@ -100,7 +100,10 @@ class DataSection:
     the values are stored in the checkpoint's processor, so evaluation and serving use them too).
     ``twins``: share of each batch given to hard-negative twins (shapes world only, at most 0.5): the last
     ``twins * batch`` items are replaced by twins of the first ones, each the same scene with one object's
-    shape, colour, size or cell changed (``mmstack.world.twins``), rendered once at preparation."""
+    shape, colour, size or cell changed (``mmstack.world.twins``), rendered once at preparation.
+    ``shape_captions``: with ``captions: all``, add that many copies of each scene's two colour-free captions
+    (``mmstack.world.language.shape_captions``) to its list; colour identifies most scenes of a batch, so
+    without them a small model learns shapes late."""
 
     captions: Literal["pair", "all"] = "all"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -108,8 +111,11 @@ class DataSection:
     text_buckets: int = 1
     image_stats: Literal["processor", "data"] = "processor"
     twins: float = 0.0
+    shape_captions: int = 0
 
     def __post_init__(self) -> None:
+        if self.shape_captions < 0:
+            raise ConfigError(f"data.shape_captions must be >= 0 (copies per scene), got {self.shape_captions}")
         if not 0.0 <= self.twins <= 0.5:
             raise ConfigError(f"data.twins must be in [0, 0.5] (share of each batch), got {self.twins}")
 
@@ -129,14 +135,18 @@ class ClipRecipeConfig:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def read_training_pairs(data: str | Path, mode: str) -> tuple[list[Path], list[list[str]]]:
-    """Image paths and, per image, the captions to draw from."""
+def read_training_pairs(data: str | Path, mode: str, shape_copies: int = 0) -> tuple[list[Path], list[list[str]]]:
+    """Image paths and, per image, the captions to draw from (see ``DataSection``)."""
     from mmstack.data.pairs import read_pairs
 
     pairs = read_pairs(data)
     if not pairs:
         raise DataError(f"{data}: no image-text pairs found; check the path (a folder with pairs.jsonl, a .jsonl/.csv)")
-    captions = scene_captions(Path(data), [p.id for p in pairs]) if mode == "all" and Path(data).is_dir() else None
+    captions = (
+        scene_captions(Path(data), [p.id for p in pairs], shape_copies)
+        if mode == "all" and Path(data).is_dir()
+        else None
+    )
     if captions is None:
         captions = [[p.caption] for p in pairs]
     return [p.image for p in pairs], captions
@@ -296,7 +306,7 @@ def train_clip(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    images, captions = read_training_pairs(data, cfg.data.captions)
+    images, captions = read_training_pairs(data, cfg.data.captions, cfg.data.shape_captions)
     twins = build_twins(data, cfg)
     model = build_model(cfg, captions + (twins[1] if twins else []))
     dataset = build_dataset(model.processor, images, captions, cfg, twins)

@@ -95,6 +95,17 @@ def caption_variants(scene: Scene) -> list[tuple[str, bool]]:
     ]
 
 
+def shape_captions(scene: Scene) -> list[str]:
+    """Captions that name the objects' shapes (and cells) but not their colours or sizes: "an image with a
+    cross and a star", "a cross at the top left and a star in the center". A contrastive model cannot match
+    these by colour, the shortcut the full captions allow, so they make it learn shapes (``data.shape_captions``
+    of the CLIP recipe)."""
+    ordered = reading_order(scene)
+    shapes = [f"{article(o.shape)} {o.shape}" for o in ordered]
+    placed = [f"{article(o.shape)} {o.shape} {LOCATION_PHRASES[o.cell][0]}" for o in ordered]
+    return [f"an image with {join_list(shapes)}", join_list(placed)]
+
+
 def captions_for(scene: Scene, complete_only: bool = False) -> list[str]:
     """Valid captions of ``scene`` from several templates and paraphrases (deterministic, no duplicates).
 
