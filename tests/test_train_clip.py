@@ -158,18 +158,22 @@ def test_bad_data_gives_one_line_errors(tmp_path, run_cli):
 
 def test_shape_captions_join_each_scenes_caption_list(tmp_path):
     from mmstack.world import generate_world
-    from mmstack.world.language import shape_captions
+    from mmstack.world.language import article, object_captions, shape_captions
     from mmstack.world.scene import Scene
 
     generate_world(tmp_path / "w", n=6, seed=5)
     scenes = [json.loads(line) for line in (tmp_path / "w" / "scenes.jsonl").read_text().splitlines()]
     plain = read_training_pairs(tmp_path / "w", "all")[1]
-    extra = read_training_pairs(tmp_path / "w", "all", shape_copies=2)[1]
+    extra = read_training_pairs(tmp_path / "w", "all", shape_copies=2, object_copies=1)[1]
     for rec, before, after in zip(scenes, plain, extra, strict=True):
-        colourless = shape_captions(Scene.from_dict(rec))
-        assert after == before + colourless * 2
+        colourless, single = shape_captions(Scene.from_dict(rec)), object_captions(Scene.from_dict(rec))
+        assert after == before + colourless * 2 + single
+        named = [f"{o['colour']} {o['shape']}" for o in rec["objects"]]
+        assert sorted(single) == sorted(f"an image with {article(w)} {w}" for w in named)
         for obj in rec["objects"]:  # every shape named, no colour or size word
             words = [c.replace(",", "").split() for c in colourless]
             assert all(obj["shape"] in w and obj["colour"] not in w and obj["size"] not in w for w in words)
     with pytest.raises(ConfigError, match=r"data\.shape_captions must be >= 0"):
         load_config(ClipRecipeConfig, MICRO, overrides={"data": {"shape_captions": -1}})
+    with pytest.raises(ConfigError, match=r"data\.object_captions must be >= 0"):
+        load_config(ClipRecipeConfig, MICRO, overrides={"data": {"object_captions": -2}})

@@ -103,7 +103,9 @@ class DataSection:
     shape, colour, size or cell changed (``mmstack.world.twins``), rendered once at preparation.
     ``shape_captions``: with ``captions: all``, add that many copies of each scene's two colour-free captions
     (``mmstack.world.language.shape_captions``) to its list; colour identifies most scenes of a batch, so
-    without them a small model learns shapes late."""
+    without them a small model learns shapes late. ``object_captions``: the same for captions naming one
+    object of the scene by colour and shape (``mmstack.world.language.object_captions``), the form of a
+    search query about a busy scene."""
 
     captions: Literal["pair", "all"] = "all"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -112,10 +114,12 @@ class DataSection:
     image_stats: Literal["processor", "data"] = "processor"
     twins: float = 0.0
     shape_captions: int = 0
+    object_captions: int = 0
 
     def __post_init__(self) -> None:
-        if self.shape_captions < 0:
-            raise ConfigError(f"data.shape_captions must be >= 0 (copies per scene), got {self.shape_captions}")
+        for name in ("shape_captions", "object_captions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0 (copies per scene), got {getattr(self, name)}")
         if not 0.0 <= self.twins <= 0.5:
             raise ConfigError(f"data.twins must be in [0, 0.5] (share of each batch), got {self.twins}")
 
@@ -135,7 +139,9 @@ class ClipRecipeConfig:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def read_training_pairs(data: str | Path, mode: str, shape_copies: int = 0) -> tuple[list[Path], list[list[str]]]:
+def read_training_pairs(
+    data: str | Path, mode: str, shape_copies: int = 0, object_copies: int = 0
+) -> tuple[list[Path], list[list[str]]]:
     """Image paths and, per image, the captions to draw from (see ``DataSection``)."""
     from mmstack.data.pairs import read_pairs
 
@@ -143,7 +149,7 @@ def read_training_pairs(data: str | Path, mode: str, shape_copies: int = 0) -> t
     if not pairs:
         raise DataError(f"{data}: no image-text pairs found; check the path (a folder with pairs.jsonl, a .jsonl/.csv)")
     captions = (
-        scene_captions(Path(data), [p.id for p in pairs], shape_copies)
+        scene_captions(Path(data), [p.id for p in pairs], shape_copies, object_copies)
         if mode == "all" and Path(data).is_dir()
         else None
     )
@@ -306,7 +312,7 @@ def train_clip(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    images, captions = read_training_pairs(data, cfg.data.captions, cfg.data.shape_captions)
+    images, captions = read_training_pairs(data, cfg.data.captions, cfg.data.shape_captions, cfg.data.object_captions)
     twins = build_twins(data, cfg)
     model = build_model(cfg, captions + (twins[1] if twins else []))
     dataset = build_dataset(model.processor, images, captions, cfg, twins)

@@ -176,12 +176,15 @@ def scene_twins(data_dir: Path, ids: list[str | None], seed: int, all_captions: 
     return images, captions
 
 
-def scene_captions(data_dir: Path, ids: list[str | None], shape_copies: int = 0) -> list[list[str]] | None:
+def scene_captions(
+    data_dir: Path, ids: list[str | None], shape_copies: int = 0, object_copies: int = 0
+) -> list[list[str]] | None:
     """All captions of each scene from the shapes world's ``scenes.jsonl``, or None if it is absent/partial.
 
-    ``shape_copies`` > 0 adds that many copies of each colour-free caption (``world.shape_captions``) to
-    every scene's list, so they are drawn that much more often."""
-    from mmstack.world.language import shape_captions
+    ``shape_copies`` > 0 adds that many copies of each colour-free caption (``world.language.shape_captions``)
+    to every scene's list, so they are drawn that much more often; ``object_copies`` the same for the
+    one-object captions (``world.language.object_captions``)."""
+    from mmstack.world.language import object_captions, shape_captions
     from mmstack.world.scene import Scene
 
     path = Path(data_dir) / "scenes.jsonl"
@@ -192,7 +195,8 @@ def scene_captions(data_dir: Path, ids: list[str | None], shape_copies: int = 0)
         if line.strip():
             rec = json.loads(line)
             if isinstance(rec.get("captions"), list) and rec["captions"]:
-                extra = shape_captions(Scene.from_dict(rec)) * shape_copies if shape_copies else []
+                scene = Scene.from_dict(rec)
+                extra = shape_captions(scene) * shape_copies + object_captions(scene) * object_copies
                 by_id[str(rec.get("id"))] = [str(c) for c in rec["captions"]] + extra
     if not all(i is not None and str(i) in by_id for i in ids):
         return None

@@ -106,6 +106,13 @@ def shape_captions(scene: Scene) -> list[str]:
     return [f"an image with {join_list(shapes)}", join_list(placed)]
 
 
+def object_captions(scene: Scene) -> list[str]:
+    """One caption per object that names that object only, by colour and shape: "an image with a yellow
+    diamond". Queries name one thing of a busy scene ("Which exhibit shows a yellow diamond?"); these teach a
+    contrastive model to match them (``data.object_captions`` of the CLIP recipe)."""
+    return [f"an image with {noun_phrase(o, size=False)}" for o in reading_order(scene)]
+
+
 def captions_for(scene: Scene, complete_only: bool = False) -> list[str]:
     """Valid captions of ``scene`` from several templates and paraphrases (deterministic, no duplicates).
 
