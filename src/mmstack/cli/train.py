@@ -60,7 +60,7 @@ def _sleeping_openmp_threads() -> None:
     import os
     import sys
 
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
     if "torch" not in sys.modules and local_procs > 1:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -51,10 +51,11 @@ def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
     from mmstack.rag.tune import RagTuneConfig, tune_for_rag
     from mmstack.train.trainer import TrainConfig
 
+    steps = int(cfg.get("tune_steps", 1200))
     train = TrainConfig(
         lr=float(cfg.get("tune_lr", 1e-3)),
-        warmup_steps=min(20, int(cfg.get("tune_steps", 1200)) // 5),
-        max_steps=int(cfg.get("tune_steps", 1200)),
+        warmup_steps=min(20, steps // 5),
+        max_steps=steps,
         precision=str(cfg.get("tune_precision", "bf16")),  # type: ignore[arg-type]
         batch_size=int(cfg.get("tune_batch", 16)),
         weight_decay=0.0,

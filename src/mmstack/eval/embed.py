@@ -69,17 +69,16 @@ def embed_images(
     n = len(images)
     out = []
     device = _device(model)
-    inference_autocast(device, precision)  # a bad precision fails before any work
     spans = _batches(n, batch_size)
-    with make_progress() as progress, ThreadPoolExecutor(max_workers=1) as pool:
+    # autocast is thread-local: it covers the model here, not the decoding thread
+    with inference_autocast(device, precision), make_progress() as progress, ThreadPoolExecutor(1) as pool:
         task = progress.add_task(desc, total=n)
         pending = pool.submit(_pixels, model, images, *spans[0]) if spans else None
         for i, (lo, hi) in enumerate(spans):
             pixels = pending.result().to(device)
             if i + 1 < len(spans):
                 pending = pool.submit(_pixels, model, images, *spans[i + 1])
-            with inference_autocast(device, precision):
-                out.append(model.encode_image(pixels, normalize=normalize).float().cpu())
+            out.append(model.encode_image(pixels, normalize=normalize).float().cpu())
             progress.advance(task, hi - lo)
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
 
@@ -109,14 +108,12 @@ def embed_texts(
     texts = list(texts)
     out = []
     device = _device(model)
-    inference_autocast(device, precision)
-    with make_progress() as progress:
+    with inference_autocast(device, precision), make_progress() as progress:
         task = progress.add_task(desc, total=len(texts))
         for lo, hi in _batches(len(texts), batch_size):
             enc = model.processor.text(texts[lo:hi])
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            with inference_autocast(device, precision):
-                out.append(model.encode_text(ids, mask, normalize=normalize).float().cpu())
+            out.append(model.encode_text(ids, mask, normalize=normalize).float().cpu())
             progress.advance(task, hi - lo)
     return torch.cat(out) if out else torch.zeros(0, model.config.embed_dim)
 

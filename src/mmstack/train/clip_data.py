@@ -195,9 +195,11 @@ def scene_captions(
         if line.strip():
             rec = json.loads(line)
             if isinstance(rec.get("captions"), list) and rec["captions"]:
-                scene = Scene.from_dict(rec)
-                extra = shape_captions(scene) * shape_copies + object_captions(scene) * object_copies
-                by_id[str(rec.get("id"))] = [str(c) for c in rec["captions"]] + extra
+                captions = [str(c) for c in rec["captions"]]
+                if shape_copies or object_copies:
+                    scene = Scene.from_dict(rec)
+                    captions += shape_captions(scene) * shape_copies + object_captions(scene) * object_copies
+                by_id[str(rec.get("id"))] = captions
     if not all(i is not None and str(i) in by_id for i in ids):
         return None
     return [by_id[str(i)] for i in ids]

@@ -102,7 +102,7 @@ def shape_captions(scene: Scene) -> list[str]:
     of the CLIP recipe)."""
     ordered = reading_order(scene)
     shapes = [f"{article(o.shape)} {o.shape}" for o in ordered]
-    placed = [f"{article(o.shape)} {o.shape} {LOCATION_PHRASES[o.cell][0]}" for o in ordered]
+    placed = [f"{name} {LOCATION_PHRASES[o.cell][0]}" for name, o in zip(shapes, ordered, strict=True)]
     return [f"an image with {join_list(shapes)}", join_list(placed)]
 
 
