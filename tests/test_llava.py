@@ -208,6 +208,18 @@ def test_vision_tower_from_a_two_tower_checkpoint(world, tmp_path):
     mine, theirs = model.vision_tower.state_dict(), tt.vision_model.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert model.processor.config.image == tt.processor.image_config  # the tower's own preprocessing
+    # a recipe's processor.image settings change only the keys they name: the tower's statistics stay
+    smaller = build_model(
+        _cfg(world, f"model.vision.pretrained={tmp_path / 'clip'}", "processor.image.size=[16, 16]",
+             "model.vision.feature_layer=[0, -2]"),
+        ["a red circle", "What colour?"],
+    )
+    image = smaller.processor.config.image
+    assert tuple(image.size) == (16, 16) and image.mean == tt.processor.image_config.mean
+    assert image.std == tt.processor.image_config.std
+    assert smaller.config.feature_layers == [0, -2]
+    width = tt.vision_model.config.hidden_size
+    assert smaller.vision_features(torch.zeros(1, 3, 16, 16)).shape[-1] == 2 * width
 
 
 def test_retrained_vision_checkpoint_invalidates_every_stage(world, tmp_path):

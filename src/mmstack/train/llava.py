@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from mmstack.config import to_dict
+from mmstack.config import merge, to_dict
 from mmstack.errors import ConfigError, ModelError
 from mmstack.models.bridge import BridgeModel, _quiet_transformers, count_parameters
 from mmstack.models.connectors import ConnectorConfig
@@ -52,7 +52,7 @@ class VisionSection:
 
     pretrained: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    feature_layer: int = -1
+    feature_layer: int | list[int] = -1
     select_strategy: Literal["default", "full"] = "full"
 
 
@@ -219,7 +219,8 @@ def build_model(cfg: LlavaRecipeConfig, texts: list[str]) -> BridgeModel:
             video_pool=ms.video_pool,
         )
     size = int(model.vision_tower.config.image_size)
-    proc_cfg = {"image": {"size": [size, size], "resize_mode": "squash"}, **image_cfg, **cfg.processor}
+    # the vision tower's own size and pixel statistics, under the recipe's processor settings (key by key)
+    proc_cfg = merge(merge({"image": {"size": [size, size], "resize_mode": "squash"}}, image_cfg), cfg.processor)
     model.processor = BridgeProcessor.for_model(model, tok, **proc_cfg)
     return model
 
