@@ -4,7 +4,8 @@
   CLIP (``configs/clip-demo.yaml`` when present, else a shapes-tiny CLIP; timed separately), then the
   llava recipe (``configs/llava-demo.yaml``) through stages 0-2, timed per stage; VQA accuracy by kind on
   val (with its motion questions) and on the compositional split.
-- **compression**: the same recipe with a Perceiver resampler (64 -> 16 tokens) instead of the MLP
+- **compression**: the same recipe with a Perceiver resampler (a quarter of the tokens: 16 -> 4 with the demo
+  CLIP's 16 patches, 64 -> 16 with a patch-8 tower) instead of the MLP
   (stage 0 shared); prefill latency ratio MLP / resampler on the same prompts, and the VQA difference.
 - **decoding**: greedy tokens/s of our KV-cache loop against ``LlavaForConditionalGeneration.generate``
   on the exported model, same prompts, same number of new tokens (ratio ours / transformers).
@@ -179,7 +180,9 @@ def run(quick: bool) -> dict[str, Any]:
         **_vqa(mlp, dirs, limit),
     }
     queries = 4 if quick else 16
-    connector = {"type": "resampler", "num_queries": 4 if quick else 16, "depth": 2, "heads": 4}
+    # a quarter of the MLP's visual tokens (the demo CLIP's patch 16 on 64 px: 16 -> 4)
+    compressed = max(1, mlp.tokens_per_view(*mlp.processor.config.image.size) // 4)
+    connector = {"type": "resampler", "num_queries": compressed, "depth": 2, "heads": 4}
     res_r, wall_r, _ = _train(
         _recipe(quick, dirs, clip, connector), root / "vlm-resampler", share_stage0=root / "vlm-mlp"
     )
