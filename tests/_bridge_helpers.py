@@ -56,6 +56,7 @@ def tiny_model(
     seed: int = 0,
     image_size: int = 32,
     vision_type: str = "clip_vision_model",
+    position_embedding: bool = False,
     **processor: object,
 ) -> BridgeModel:
     """A random tiny bridge model with a word-level tokenizer and its processor attached."""
@@ -64,7 +65,9 @@ def tiny_model(
     cfg = BridgeConfig(
         vision=tiny_vision(image_size, vision_type),
         text=tiny_text(len(tok), tok),
-        connector=ConnectorConfig(type=connector, num_queries=4, depth=1, heads=2),
+        connector=ConnectorConfig(
+            type=connector, num_queries=4, depth=1, heads=2, position_embedding=position_embedding, max_grid=8
+        ),
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=select,
         image_token_id=tok.convert_tokens_to_ids("<image>"),

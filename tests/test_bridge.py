@@ -235,6 +235,43 @@ def test_processor_and_model_agree_on_visual_tokens(mode):
     assert torch.isfinite(model(**batch).loss)
 
 
+def test_grid_positions_add_row_and_column_embeddings():
+    model = tiny_model(position_embedding=True, select="full", image_mode="dynamic", max_image_tokens=64)
+    pos = model.grid_position
+    views = model.processor.image_views(solid("red", 64, 32))  # a 4 x 8 patch grid plus CLS
+    with torch.no_grad():
+        tokens = model.encode_images([views])
+        plain = model.connector(model.vision_features(views))[0]
+    assert tokens.shape[0] == plain.shape[0] == 1 + 4 * 8 == model.processor.image_tokens(views)
+    assert torch.equal(tokens[0], plain[0])  # the CLS token gets no position
+    r, c = 2, 5
+    assert torch.allclose(tokens[1 + r * 8 + c], plain[1 + r * 8 + c] + pos.row[r] + pos.col[c])
+    model.train()
+    batch = model.processor([qa("What colour is the star?", "red")], [solid("red", 64, 32)])
+    model(**batch).loss.backward()
+    assert pos.row.grad[:4].abs().sum() > 0 and pos.row.grad[4:].abs().sum() == 0  # rows the grid used
+    model.set_trainable(vision=False, connector=False, language=True)
+    assert not pos.row.requires_grad
+
+
+def test_grid_positions_need_an_mlp_fit_the_grid_and_cannot_be_exported(tmp_path):
+    from mmstack.errors import ConfigError
+    from mmstack.models.connectors import ConnectorConfig
+
+    with pytest.raises(ConfigError, match="position_embedding needs type 'mlp'"):
+        ConnectorConfig(type="resampler", position_embedding=True)
+    model = tiny_model(position_embedding=True, image_mode="dynamic", max_image_tokens=256)
+    with pytest.raises(ConfigError, match=r"exceeds connector\.max_grid=8"):
+        model.encode_images([model.processor.image_views(solid("red", 96, 32))])  # 12 columns
+    with pytest.raises(ModelError, match="grid position embeddings"):
+        export_llava(model, tmp_path / "hf")
+    model.save_pretrained(tmp_path / "ckpt")
+    back = BridgeModel.from_pretrained(tmp_path / "ckpt")
+    frames = model.processor.clip_frames([solid("red")] * 2)
+    with torch.no_grad():
+        assert torch.equal(model.encode_videos([frames]), back.encode_videos([frames]))
+
+
 def test_siglip_vision_tower_works():
     model = tiny_model(vision_type="siglip_vision_model", select="full")
     assert model.tokens_per_view(32, 32) == 16  # no CLS token

@@ -210,8 +210,12 @@ def test_vision_tower_from_a_two_tower_checkpoint(world, tmp_path):
     assert model.processor.config.image == tt.processor.image_config  # the tower's own preprocessing
     # a recipe's processor.image settings change only the keys they name: the tower's statistics stay
     smaller = build_model(
-        _cfg(world, f"model.vision.pretrained={tmp_path / 'clip'}", "processor.image.size=[16, 16]",
-             "model.vision.feature_layer=[0, -2]"),
+        _cfg(
+            world,
+            f"model.vision.pretrained={tmp_path / 'clip'}",
+            "processor.image.size=[16, 16]",
+            "model.vision.feature_layer=[0, -2]",
+        ),
         ["a red circle", "What colour?"],
     )
     image = smaller.processor.config.image

@@ -28,7 +28,7 @@ from torch import nn
 
 from mmstack.config import from_dict, to_dict
 from mmstack.errors import ConfigError, ModelError
-from mmstack.models.connectors import ConnectorConfig, build_connector
+from mmstack.models.connectors import ConnectorConfig, GridPositionEmbedding, build_connector
 from mmstack.utils.atomic import atomic_dir
 
 FAMILY = "bridge"
@@ -156,6 +156,9 @@ class BridgeModel(nn.Module):
         text_dim = int(self.language_model.config.hidden_size)
         self.connector = build_connector(config.connector, vision_dim, text_dim)
         self.temporal_embedding = nn.Parameter(torch.randn(config.max_frames, text_dim) * 0.02)
+        self.grid_position = (
+            GridPositionEmbedding(config.connector.max_grid, text_dim) if config.connector.position_embedding else None
+        )
         self.processor = None
 
     @classmethod
@@ -212,6 +215,14 @@ class BridgeModel(nn.Module):
             layers.append(hs)
         return torch.cat(layers, dim=-1)
 
+    def _project(self, pixel_values: torch.Tensor, pool: int = 1) -> torch.Tensor:
+        """Views of one size -> connector tokens (with grid positions when configured): (V, M, D_t)."""
+        tokens = self.connector(self.vision_features(pixel_values, pool=pool))
+        if self.grid_position is not None:
+            gh, gw = (math.ceil(n // self.patch_size / pool) for n in pixel_values.shape[-2:])
+            tokens = self.grid_position(tokens, gh, gw)
+        return tokens
+
     def encode_images(self, pixel_values: PixelInput) -> torch.Tensor:
         """Visual tokens of every image, in order, flattened: (total_tokens, D_text).
 
@@ -219,7 +230,7 @@ class BridgeModel(nn.Module):
         (3, H, W) tensor per image (dynamic resolution, tiles). Views of equal size are encoded together.
         """
         if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
-            return self.connector(self.vision_features(pixel_values)).flatten(0, 1)  # (B * M, D_t)
+            return self._project(pixel_values).flatten(0, 1)  # (B * M, D_t)
         views = _as_views(pixel_values)
         if not views:
             return torch.zeros(0, self.text_dim, device=self.temporal_embedding.device)
@@ -229,7 +240,7 @@ class BridgeModel(nn.Module):
         for i, v in enumerate(flat):
             by_size.setdefault(tuple(v.shape[-2:]), []).append(i)
         for idx in by_size.values():
-            tokens = self.connector(self.vision_features(torch.stack([flat[i] for i in idx])))  # (V, M, D_t)
+            tokens = self._project(torch.stack([flat[i] for i in idx]))  # (V, M, D_t)
             for j, i in enumerate(idx):
                 out[i] = tokens[j]
         return torch.cat(out, dim=0)  # type: ignore[arg-type]
@@ -249,8 +260,7 @@ class BridgeModel(nn.Module):
                 raise ModelError(
                     f"a clip has {k} frames but the model embeds at most max_frames={self.config.max_frames}"
                 )
-            feats = self.vision_features(frames, pool=self.config.video_pool)
-            tokens = self.connector(feats) + self.temporal_embedding[:k, None, :]  # (K, M, D_t)
+            tokens = self._project(frames, pool=self.config.video_pool) + self.temporal_embedding[:k, None, :]
             out.append(tokens.flatten(0, 1))
         return torch.cat(out, dim=0)
 
@@ -369,6 +379,8 @@ class BridgeModel(nn.Module):
         for p in self.connector.parameters():
             p.requires_grad_(connector)
         self.temporal_embedding.requires_grad_(connector)
+        if self.grid_position is not None:
+            self.grid_position.requires_grad_(connector)
 
     # ---------------------------------------------------------------------------------- save/load
 

@@ -47,6 +47,11 @@ def llava_config(model: BridgeModel):
     cfg = model.config
     if cfg.connector.type != "mlp":
         raise ModelError("only the MLP connector has an HF Llava equivalent; this model uses a resampler")
+    if cfg.connector.position_embedding:
+        raise ModelError(
+            "this model adds grid position embeddings to its visual tokens, which HF Llava has no place for; "
+            "export a model trained with connector.position_embedding: false"
+        )
     strategy = cfg.vision_feature_select_strategy if vision_has_cls(cfg.vision) else "full"
     size = int(model.vision_tower.config.image_size)
     return LlavaConfig(

@@ -6,6 +6,10 @@
 - ``PerceiverResampler``: Flamingo's resampler. ``M`` learned queries cross-attend to the ``N`` visual
   tokens (and to themselves) for a few layers, so any number of visual tokens is compressed to ``M``.
   The language model's sequence, and with it prefill cost, no longer grows with the image resolution.
+- ``GridPositionEmbedding``: learned row and column embeddings added to the MLP's output tokens, so the
+  language model can find "the object at the top left" by matching a position it reads directly, instead
+  of one the vision tower's features carry only implicitly (Qwen2-VL gives its LM 2-D positions with M-RoPE;
+  this is the additive, HF-Llama-compatible variant).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class ConnectorConfig:
         depth, heads, width: resampler layers, attention heads, and inner width (0: the vision width).
         act: the MLP's activation (``"gelu"``, as LLaVA).
         bias: biases in the MLP's linear layers (HF ``multimodal_projector_bias``).
+        position_embedding: add learned 2-D (row + column) embeddings to the MLP's output tokens
+            (``GridPositionEmbedding``); such a model has no HF Llava equivalent.
+        max_grid: rows and columns of patches the position embedding covers.
     """
 
     type: Literal["mlp", "resampler"] = "mlp"
@@ -39,6 +46,8 @@ class ConnectorConfig:
     width: int = 0
     act: str = "gelu"
     bias: bool = True
+    position_embedding: bool = False
+    max_grid: int = 32
 
     def __post_init__(self) -> None:
         if self.type not in ("mlp", "resampler"):
@@ -50,6 +59,10 @@ class ConnectorConfig:
             raise ConfigError(f"connector.width must be >= 0 (0 = the vision width), got {self.width}")
         if self.width and self.width % self.heads:
             raise ConfigError(f"connector.width={self.width} must be divisible by connector.heads={self.heads}")
+        if self.position_embedding and self.type != "mlp":
+            raise ConfigError("connector.position_embedding needs type 'mlp' (a resampler's queries have no grid)")
+        if self.max_grid <= 0:
+            raise ConfigError(f"connector.max_grid must be > 0, got {self.max_grid}")
         if self.act not in _ACTS:
             raise ConfigError(f"connector.act must be one of {sorted(_ACTS)}, got {self.act!r}")
 
@@ -128,6 +141,29 @@ class PerceiverResampler(nn.Module):
         for block in self.blocks:
             x = block(x, media)
         return self.proj_out(self.norm(x))  # (B, M, D_text)
+
+
+class GridPositionEmbedding(nn.Module):
+    """Learned 2-D positions for a patch grid: ``row[r] + col[c]`` added to token ``r * gw + c``."""
+
+    def __init__(self, max_grid: int, dim: int) -> None:
+        super().__init__()
+        self.max_grid = max_grid
+        self.row = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
+        self.col = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
+
+    def forward(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Add positions to (V, [1 +] gh * gw, D) tokens; a leading extra token (CLS) gets none."""
+        if max(grid_h, grid_w) > self.max_grid:
+            raise ConfigError(
+                f"a {grid_h}x{grid_w} patch grid exceeds connector.max_grid={self.max_grid}: "
+                "use smaller images (processor max_tokens) or a model built with a larger max_grid"
+            )
+        pos = (self.row[:grid_h, None] + self.col[None, :grid_w]).flatten(0, 1)  # (gh * gw, D)
+        extra = tokens.shape[1] - pos.shape[0]
+        if extra:
+            pos = torch.cat([pos.new_zeros(extra, pos.shape[1]), pos])
+        return tokens + pos.to(tokens.dtype)
 
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, text_dim: int) -> MlpProjector | PerceiverResampler:

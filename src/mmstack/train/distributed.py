@@ -80,12 +80,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
-    """Leave the process group (registered at exit by ``init_distributed``)."""
+def teardown(timeout_s: float = 60.0) -> None:
+    """Leave the process group (registered at exit by ``init_distributed``).
+
+    Ranks leave together: on gloo a ``monitored_barrier`` (bounded by ``timeout_s``) comes first, because a rank
+    that exits while another is still destroying the group can abort it (SIGABRT in gloo's teardown). A
+    process leaving on an uncaught exception skips the wait: its peers may be blocked in a collective.
+    """
+    import contextlib
+    import sys
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    crashed = getattr(sys, "last_value", None) is not None  # set by the interpreter for an uncaught exception
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1 and not crashed:
+        with contextlib.suppress(RuntimeError):  # a peer is gone or late: leave anyway
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+    dist.destroy_process_group()
 
 
 def mean_over_ranks(value: float) -> float:
