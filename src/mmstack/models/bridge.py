@@ -181,13 +181,15 @@ class BridgeModel(nn.Module):
 
     def tokens_per_view(self, height: int, width: int) -> int:
         """Visual tokens one image view of ``height`` x ``width`` pixels becomes (the processor uses this)."""
-        return self.connector.num_tokens(self._vision_tokens(height // self.patch_size, width // self.patch_size))
+        return self.connector.num_tokens(self._vision_tokens(*self.patch_grid(height, width)))
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Visual tokens one video frame becomes (after ``video_pool``)."""
-        gh, gw = height // self.patch_size, width // self.patch_size
-        p = self.config.video_pool
-        return self.connector.num_tokens(self._vision_tokens(math.ceil(gh / p), math.ceil(gw / p)))
+        return self.connector.num_tokens(self._vision_tokens(*self.patch_grid(height, width, self.config.video_pool)))
+
+    def patch_grid(self, height: int, width: int, pool: int = 1) -> tuple[int, int]:
+        """Rows and columns of patches of a ``height`` x ``width`` view, after average pooling by ``pool``."""
+        return math.ceil(height // self.patch_size / pool), math.ceil(width // self.patch_size / pool)
 
     def _vision_tokens(self, grid_h: int, grid_w: int) -> int:
         cls_kept = vision_has_cls(self.config.vision) and self.config.vision_feature_select_strategy == "full"
@@ -219,8 +221,7 @@ class BridgeModel(nn.Module):
         """Views of one size -> connector tokens (with grid positions when configured): (V, M, D_t)."""
         tokens = self.connector(self.vision_features(pixel_values, pool=pool))
         if self.grid_position is not None:
-            gh, gw = (math.ceil(n // self.patch_size / pool) for n in pixel_values.shape[-2:])
-            tokens = self.grid_position(tokens, gh, gw)
+            tokens = self.grid_position(tokens, *self.patch_grid(*pixel_values.shape[-2:], pool))
         return tokens
 
     def encode_images(self, pixel_values: PixelInput) -> torch.Tensor:

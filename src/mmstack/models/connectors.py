@@ -148,15 +148,15 @@ class GridPositionEmbedding(nn.Module):
 
     def __init__(self, max_grid: int, dim: int) -> None:
         super().__init__()
-        self.max_grid = max_grid
         self.row = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
         self.col = nn.Parameter(torch.randn(max_grid, dim) * 0.02)
 
     def forward(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """Add positions to (V, [1 +] gh * gw, D) tokens; a leading extra token (CLS) gets none."""
-        if max(grid_h, grid_w) > self.max_grid:
+        max_grid = self.row.shape[0]
+        if max(grid_h, grid_w) > max_grid:
             raise ConfigError(
-                f"a {grid_h}x{grid_w} patch grid exceeds connector.max_grid={self.max_grid}: "
+                f"a {grid_h}x{grid_w} patch grid exceeds connector.max_grid={max_grid}: "
                 "use smaller images (processor max_tokens) or a model built with a larger max_grid"
             )
         pos = (self.row[:grid_h, None] + self.col[None, :grid_w]).flatten(0, 1)  # (gh * gw, D)

@@ -18,8 +18,11 @@ is ``world_size`` times its share and the average is the single-process gradient
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -87,10 +90,6 @@ def teardown(timeout_s: float = 60.0) -> None:
     that exits while another is still destroying the group can abort it (SIGABRT in gloo's teardown). A
     process leaving on an uncaught exception skips the wait: its peers may be blocked in a collective.
     """
-    import contextlib
-    import sys
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
