@@ -70,6 +70,23 @@ def test_extend_vocabulary_adds_whole_words_and_survives_save_load(tmp_path):
     )
 
 
+def test_new_words_start_distinct_and_old_rows_stay():
+    # transformers' mean resizing gives every new word (nearly) the same vector; exhibit 17 and exhibit 71
+    # must start apart for the model to learn to tell them apart in context
+    model = tiny_model()
+    emb = model.language_model.get_input_embeddings().weight
+    old_rows = emb.detach().clone()
+    extend_vocabulary(model, world_vocabulary())
+    emb = model.language_model.get_input_embeddings().weight.detach()
+    assert torch.equal(emb[: len(old_rows)], old_rows)
+    new = emb[len(old_rows) :]
+    assert len(new) > 50
+    gaps = torch.cdist(new, new)[~torch.eye(len(new), dtype=torch.bool)]
+    old_gaps = torch.cdist(old_rows, old_rows)[~torch.eye(len(old_rows), dtype=torch.bool)]
+    assert gaps.min() > 0.5 * old_gaps.median()  # as far apart as the trained words are, none a copy
+    assert torch.allclose(new.mean(0), old_rows.mean(0), atol=3 * float(old_rows.std(0).max()) / len(new) ** 0.5)
+
+
 def test_rag_batches_label_only_the_cited_answer():
     model = tiny_model()
     data = build_training_set(6, seed=5, context_k=2, turns=3, n_records=10, image_size=32)

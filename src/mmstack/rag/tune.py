@@ -5,9 +5,9 @@ each, answers that cite ``[n]``) on conversations from ``mmstack.rag.training_da
 
 A world-trained VLM has a word-level vocabulary without the knowledge base's words ("exhibit", "hall",
 "[", numbers ...): those are added to its tokenizer as whole words and the LM's embeddings grow to match
-(new rows start at the mean embedding). Training uses the shared trainer and the llava recipe's task
-(next-token loss on the answer only); the vision tower stays frozen by default. The result is a normal
-bridge checkpoint (``BridgeModel.from_pretrained``).
+(new rows start at the old rows' mean plus noise at their spread, so that no two new words start alike).
+Training uses the shared trainer and the llava recipe's task (next-token loss on the answer only); the vision
+tower stays frozen by default. The result is a normal bridge checkpoint (``BridgeModel.from_pretrained``).
 """
 
 from __future__ import annotations
@@ -104,13 +104,33 @@ def extend_vocabulary(model: Any, texts: list[str]) -> list[str]:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # new rows start at the mean embedding; transformers logs that at length
+    hf_logging.set_verbosity_error()  # transformers logs its mean resizing at length
     try:
-        model.language_model.resize_token_embeddings(len(tok), mean_resizing=True)
+        lm = model.language_model
+        old = lm.get_input_embeddings().weight.shape[0]
+        lm.resize_token_embeddings(len(tok), mean_resizing=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    _spread_new_rows(lm, old)
     model.config.text["vocab_size"] = len(tok)  # so from_pretrained rebuilds the grown LM
     return words
+
+
+@torch.no_grad()
+def _spread_new_rows(lm: Any, old: int) -> None:
+    """Give the embedding rows from ``old`` on distinct values: the old rows' mean plus noise at their
+    per-dimension spread. transformers' ``mean_resizing`` samples with 1e-9 of the old covariance, so every
+    new word starts as the same vector; new words that must be told apart in context (exhibit 17 vs 71) then
+    stay alike for thousands of steps. An untied output head gets the same treatment."""
+    layers = [lm.get_input_embeddings()]
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight is not layers[0].weight:
+        layers.append(head)
+    for layer in layers:
+        w = layer.weight
+        ref = w[:old].float()
+        noise = torch.randn(w.shape[0] - old, w.shape[1], generator=torch.Generator().manual_seed(old))
+        w[old:] = (ref.mean(0) + noise * ref.std(0)).to(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------- batches
