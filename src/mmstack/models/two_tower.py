@@ -328,6 +328,21 @@ class TwoTowerModel(nn.Module):
         feats = self.visual_projection(pooled)
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tower pass -> ``(B, D)`` image embeddings (as ``encode_image``) and ``(B, T, D)`` patch-token
+        embeddings: the patch tokens through the same final norm and projection (dense CLIP features)."""
+        self._check_pixels(pixel_values)
+        out = self.vision_model(pixel_values=pixel_values)
+        hidden = out.last_hidden_state
+        if self.config.backbone == "clip":
+            tower = getattr(self.vision_model, "vision_model", self.vision_model)  # transformers < 5 nests it
+            pooled, patches = out.pooler_output, tower.post_layernorm(hidden[:, 1:])
+        elif self.config.backbone == "siglip":  # no CLS; last_hidden_state is already post-normed
+            pooled, patches = out.pooler_output, hidden
+        else:
+            pooled, patches = hidden[:, 0], hidden[:, 1:]
+        return self.visual_projection(pooled), self.visual_projection(patches)
+
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
     ) -> torch.Tensor:

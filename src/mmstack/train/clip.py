@@ -32,6 +32,7 @@ from mmstack.train.clip_data import (
     cache_home,
     cached_pixels,
     scene_captions,
+    scene_regions,
     scene_twins,
 )
 from mmstack.train.clip_task import ClipTask
@@ -75,6 +76,8 @@ class LossSection:
     ``simclr_weight`` > 0 adds SimCLR on two augmented views to the clip/siglip loss. Hard negatives
     (``hard_negative_beta`` / ``hard_negative_topk``) are passed to the loss (see ``mmstack.models.losses``).
     ``scale_lr``: learning rate of the logit scale/bias (default: ``train.lr``; see ``ClipTask``).
+    ``region_weight`` > 0 adds region-text alignment on the patch tokens (``mmstack.models.regions``) for
+    data with grounded phrases (``data.cell_regions``), at the fixed ``region_temperature``.
     """
 
     type: Literal["clip", "siglip", "simclr"] = "clip"
@@ -83,10 +86,14 @@ class LossSection:
     hard_negative_beta: float = 0.0
     hard_negative_topk: int | None = None
     scale_lr: float | None = None
+    region_weight: float = 0.0
+    region_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.simclr_weight < 0 or self.simclr_temperature <= 0:
             raise ConfigError("loss.simclr_weight must be >= 0 and loss.simclr_temperature > 0")
+        if self.region_weight < 0 or self.region_temperature <= 0:
+            raise ConfigError("loss.region_weight must be >= 0 and loss.region_temperature > 0")
 
 
 @dataclass
@@ -105,7 +112,9 @@ class DataSection:
     (``mmstack.world.language.shape_captions``) to its list; colour identifies most scenes of a batch, so
     without them a small model learns shapes late. ``object_captions``: the same for captions naming one
     object of the scene by colour and shape (``mmstack.world.language.object_captions``), the form of a
-    search query about a busy scene."""
+    search query about a busy scene. ``cell_regions``: give every image its 3 x 3 cells with the phrase of
+    each cell's object ("a small red circle", or "an empty cell") for region-text alignment (shapes world
+    only; needs ``loss.region_weight`` > 0)."""
 
     captions: Literal["pair", "all"] = "all"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -115,6 +124,7 @@ class DataSection:
     twins: float = 0.0
     shape_captions: int = 0
     object_captions: int = 0
+    cell_regions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("shape_captions", "object_captions"):
@@ -134,6 +144,14 @@ class ClipRecipeConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.data.cell_regions != (self.loss.region_weight > 0):
+            raise ConfigError(
+                "data.cell_regions and loss.region_weight go together: set both (region-text alignment) or neither"
+            )
+        if self.data.cell_regions and self.loss.type == "simclr":
+            raise ConfigError("region-text alignment needs the text tower: use loss.type clip or siglip")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -158,18 +176,35 @@ def read_training_pairs(
     return [p.image for p in pairs], captions
 
 
+def read_regions(data: str | Path, cfg: ClipRecipeConfig) -> tuple[torch.Tensor, list[str], torch.Tensor] | None:
+    """The grounded cell phrases of the training scenes when ``data.cell_regions`` asks for them."""
+    if not cfg.data.cell_regions:
+        return None
+    from mmstack.data.pairs import read_pairs
+
+    regions = scene_regions(Path(data), [p.id for p in read_pairs(data)]) if Path(data).is_dir() else None
+    if regions is None:
+        raise DataError(
+            f"{data}: data.cell_regions needs a shapes-world folder with scenes.jsonl for every pair; "
+            "set data.cell_regions: false and loss.region_weight: 0 for other data"
+        )
+    return regions
+
+
 def build_dataset(
     processor: Any,
     images: list[Path],
     captions: list[list[str]],
     cfg: ClipRecipeConfig,
     twins: tuple[list[Any], list[list[str]]] | None = None,
+    regions: tuple[torch.Tensor, list[str], torch.Tensor] | None = None,
 ) -> PairTensors:
     """Cached pixels + tokenised captions as a trainer ``BatchSource``.
 
     With ``data.image_stats: data`` the processor's mean/std are set here from the pixels (the processor is
     saved with the checkpoint, so evaluation uses the same values). ``twins`` (PIL images and captions, one
-    per item, see ``DataSection.twins``) are appended after the items.
+    per item, see ``DataSection.twins``) are appended after the items; ``regions`` (boxes, phrase pool, targets; see ``read_regions``)
+    label each item's boxes for region-text alignment.
     """
     from mmstack.data.images import load_image
 
@@ -206,6 +241,7 @@ def build_dataset(
         views=loss.type == "simclr" or loss.simclr_weight > 0,
         pairs=loss.type != "simclr",
         twins=cfg.data.twins if twins is not None else 0.0,
+        regions=(regions[0], regions[2]) if regions is not None else None,
     )
 
 
@@ -269,10 +305,13 @@ def build_model(cfg: ClipRecipeConfig, captions: list[list[str]]):
     return model
 
 
-def build_task(model: Any, cfg: ClipRecipeConfig) -> ClipTask:
+def build_task(model: Any, cfg: ClipRecipeConfig, phrases: list[str] | None = None) -> ClipTask:
     """The contrastive task; under torch.distributed its losses gather features from every rank with
-    gradients (open_clip's local loss + gather-with-grad), so the loss is the global batch's."""
+    gradients (open_clip's local loss + gather-with-grad), so the loss is the global batch's. ``phrases``:
+    the region phrase pool (with ``loss.region_weight`` > 0)."""
     from mmstack.models.losses import ClipLoss, NTXentLoss, SigLipLoss
+    from mmstack.models.regions import RegionTextLoss
+    from mmstack.train.clip_task import RegionTerm
     from mmstack.train.sampler import DistInfo
 
     loss = cfg.loss
@@ -286,8 +325,24 @@ def build_task(model: Any, cfg: ClipRecipeConfig) -> ClipTask:
     pair_loss = pair[loss.type]() if loss.type in pair else None
     views = loss.type == "simclr" or loss.simclr_weight > 0
     ntxent = NTXentLoss(temperature=loss.simclr_temperature, **ranks) if views else None
+    regions = None
+    if phrases is not None and loss.region_weight > 0:
+        tokens = model.processor.text(phrases)
+        width = int(tokens["attention_mask"].sum(1).max())
+        regions = RegionTerm(
+            RegionTextLoss(loss.region_temperature),
+            loss.region_weight,
+            tokens["input_ids"][:, :width],
+            tokens["attention_mask"][:, :width],
+        )
     return ClipTask(
-        model, pair_loss, ntxent, loss.simclr_weight, text_buckets=cfg.data.text_buckets, scale_lr=loss.scale_lr
+        model,
+        pair_loss,
+        ntxent,
+        loss.simclr_weight,
+        text_buckets=cfg.data.text_buckets,
+        scale_lr=loss.scale_lr,
+        regions=regions,
     )
 
 
@@ -314,11 +369,13 @@ def train_clip(
     seed_everything(cfg.train.seed)
     images, captions = read_training_pairs(data, cfg.data.captions, cfg.data.shape_captions, cfg.data.object_captions)
     twins = build_twins(data, cfg)
-    model = build_model(cfg, captions + (twins[1] if twins else []))
-    dataset = build_dataset(model.processor, images, captions, cfg, twins)
+    regions = read_regions(data, cfg)
+    model = build_model(cfg, captions + (twins[1] if twins else []) + ([regions[1]] if regions else []))
+    dataset = build_dataset(model.processor, images, captions, cfg, twins, regions)
     run_config = {**to_dict(cfg), "data_path": str(Path(data).resolve()), "tokenizer_sha": _tokenizer_hash(model)}
     work = work_dir(out)
-    trainer = Trainer(build_task(model, cfg), dataset, cfg.train, work, run_config=run_config, resume=resume)
+    task = build_task(model, cfg, regions[1] if regions else None)
+    trainer = Trainer(task, dataset, cfg.train, work, run_config=run_config, resume=resume)
     prepare_s = time.perf_counter() - t0
     summary = trainer.fit(stop_at_step=stop_after)
     run = RunInfo("mmstack train clip", out, work, run_config, cfg.train.max_steps, t0, prepare_s, ("temperature",))

@@ -26,6 +26,8 @@ from mmstack.errors import DataError
 from mmstack.utils.atomic import atomic_write_bytes
 from mmstack.utils.progress import console
 
+EMPTY_REGION = "an empty cell"  # the phrase of a cell without an object (region-text alignment)
+
 
 @dataclass
 class AugmentConfig:
@@ -56,6 +58,7 @@ class PairTensors:
         views: bool = False,
         pairs: bool = True,
         twins: float = 0.0,
+        regions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.pixels = pixels  # (N, 3, H, W) uint8; with twins (2N, ...): item i's twin at N + i
         self.input_ids, self.attention_mask = input_ids, attention_mask  # (C, L): C >= N captions
@@ -67,6 +70,12 @@ class PairTensors:
         self.views, self.pairs = views, pairs
         self.twins = twins
         self.n = int(self.pixels.shape[0]) // (2 if twins > 0 else 1)
+        self.regions = None  # (boxes (N', K, 4), targets (N', K)) for region-text alignment
+        if regions is not None:
+            boxes, targets = regions
+            if len(boxes) == self.n and self.twins > 0:  # twins carry no region labels: ignored (-100)
+                boxes, targets = torch.cat([boxes, boxes]), torch.cat([targets, torch.full_like(targets, -100)])
+            self.regions = (boxes, targets)
 
     def __len__(self) -> int:
         return self.n
@@ -94,6 +103,8 @@ class PairTensors:
             images = self.normalise(raw)
             out["pixel_values"] = shift_images(images, self.augment.shift) if self.augment.shift else images
             out.update(self._captions(indices))
+            if self.regions is not None:
+                out["region_boxes"], out["region_targets"] = self.regions[0][indices], self.regions[1][indices]
         if self.views:
             images = self.normalise(raw)
             out["view1"] = random_resized_crop(images, self.augment.simclr_min_scale, self.augment.simclr_flip)
@@ -203,6 +214,33 @@ def scene_captions(
     if not all(i is not None and str(i) in by_id for i in ids):
         return None
     return [by_id[str(i)] for i in ids]
+
+
+def scene_regions(data_dir: Path, ids: list[str | None]) -> tuple[torch.Tensor, list[str], torch.Tensor] | None:
+    """Grounded phrases for region-text alignment (``mmstack.models.regions``) from the shapes world's
+    ``scenes.jsonl``: every image's 3 x 3 cells as boxes, each with the noun phrase of its object ("a small
+    red circle") or ``EMPTY_REGION``. Returns ``(boxes (N, 9, 4), phrase pool, targets (N, 9))`` with targets
+    indexing the pool, or None when the folder has no (complete) scenes.jsonl."""
+    from mmstack.world.language import noun_phrase
+    from mmstack.world.scene import Scene
+
+    path = Path(data_dir) / "scenes.jsonl"
+    if not path.is_file():
+        return None
+    by_id = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_id[str(rec.get("id"))] = rec
+    if not all(i is not None and str(i) in by_id for i in ids):
+        return None
+    cells = torch.tensor([[c / 3, r / 3, (c + 1) / 3, (r + 1) / 3] for r in range(3) for c in range(3)])  # (9, 4)
+    pool: dict[str, int] = {EMPTY_REGION: 0}
+    targets = torch.zeros(len(ids), 9, dtype=torch.long)
+    for k, sid in enumerate(ids):
+        for obj in Scene.from_dict(by_id[str(sid)]).objects:
+            targets[k, obj.row * 3 + obj.col] = pool.setdefault(noun_phrase(obj), len(pool))
+    return cells.expand(len(ids), 9, 4).contiguous(), list(pool), targets
 
 
 def cache_home() -> Path:

@@ -11,14 +11,27 @@ the learnable scale/bias enter with gradients in the first chunk only, so their 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmstack.train.task import Task
 
 Features = dict[str, torch.Tensor]
+
+
+@dataclass
+class RegionTerm:
+    """The region-text alignment term (``mmstack.models.regions``): its loss, weight and the tokenised
+    phrase pool that batches' ``region_targets`` index (encoded by the text tower at every step)."""
+
+    loss: nn.Module
+    weight: float
+    phrase_ids: torch.Tensor  # (P, L)
+    phrase_mask: torch.Tensor  # (P, L)
 
 
 class ClipTask(Task):
@@ -39,6 +52,9 @@ class ClipTask(Task):
             parameter by about the learning rate per step, so in a few hundred steps at 1e-3 the log scale
             can hardly leave its initial value; a larger rate lets the temperature adapt as in long runs.
         max_log_scale: clamp of ``logit_scale`` after every optimiser step (ln 100, as CLIP).
+        regions: a ``RegionTerm`` adding region-text alignment on the patch tokens for batches that carry
+            ``region_boxes``/``region_targets``; with gradient accumulation each chunk's region loss is
+            its own (it couples no samples), weighted by the chunk's share of the labelled regions.
     """
 
     progress_keys = ("temperature",)
@@ -52,6 +68,7 @@ class ClipTask(Task):
         text_buckets: int = 1,
         scale_lr: float | None = None,
         max_log_scale: float = 4.605170185988092,
+        regions: RegionTerm | None = None,
     ) -> None:
         super().__init__(model)
         if loss is None and ntxent is None:
@@ -62,6 +79,10 @@ class ClipTask(Task):
         causal_text = getattr(getattr(model, "config", None), "backbone", "clip") == "clip"
         self.text_buckets = max(1, text_buckets) if causal_text else 1
         self.uses_bias = loss is not None and getattr(model, "logit_bias", None) is not None
+        if regions is not None and loss is None:
+            raise ValueError("region-text alignment needs an image-text loss (it uses the text tower)")
+        self.regions = regions
+        self.last_region_loss: float | None = None
 
     # ------------------------------------------------------------------------------------ features
 
@@ -70,13 +91,27 @@ class ClipTask(Task):
         m = self.model
         out: Features = {}
         with self.autocast():
-            if self.pair_loss is not None:
+            if self.pair_loss is not None and self.regions is not None and "region_targets" in batch:
+                pooled, patches = m.encode_image_tokens(batch["pixel_values"])
+                out["image"] = F.normalize(pooled, dim=-1)
+                out["region"] = self.region_loss(patches, batch["region_boxes"], batch["region_targets"])
+                out["text"] = self.encode_text(batch["input_ids"], batch.get("attention_mask"))
+            elif self.pair_loss is not None:
                 out["image"] = m.encode_image(batch["pixel_values"], normalize=True)
                 out["text"] = self.encode_text(batch["input_ids"], batch.get("attention_mask"))
             if self.ntxent is not None:
                 out["view1"] = m.encode_image(batch["view1"], normalize=True)
                 out["view2"] = m.encode_image(batch["view2"], normalize=True)
         return {k: v.float() for k, v in out.items()}
+
+    def region_loss(self, patches: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The region-text loss of one chunk: its boxes pooled from the patch embeddings, against the pool."""
+        from mmstack.models.regions import pool_regions
+
+        term = self.regions
+        regions = pool_regions(patches, boxes).flatten(0, 1)  # (B * K, D)
+        phrases = self.encode_text(term.phrase_ids.to(patches.device), term.phrase_mask.to(patches.device))
+        return term.loss(regions.float(), phrases.float(), targets.flatten().to(patches.device))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Normalised text features, computed per length bucket (see ``text_buckets``)."""
@@ -102,6 +137,9 @@ class ClipTask(Task):
                 total = total + self.pair_loss(feats["image"], feats["text"], scale.exp(), bias)
             else:
                 total = total + self.pair_loss(feats["image"], feats["text"], scale.exp())
+        if "region" in feats:
+            self.last_region_loss = float(feats["region"].detach())
+            total = total + self.regions.weight * feats["region"]
         if self.ntxent is not None and self.simclr_weight > 0:
             # SimCLR keeps its own fixed temperature: the image-text scale is tuned for another task.
             total = total + self.simclr_weight * self.ntxent(feats["view1"], feats["view2"])
@@ -116,22 +154,41 @@ class ClipTask(Task):
             loss.backward()
         else:
             loss = self._cached_step(micro_batches)
-        return {"loss": float(loss.detach()), **self._scale_metrics()}
+        region = {"region_loss": self.last_region_loss} if self.last_region_loss is not None else {}
+        return {"loss": float(loss.detach()), **region, **self._scale_metrics()}
 
     def _cached_step(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         with torch.no_grad():
             cache = [self.forward_pass(self.features, b) for b in micro_batches]
+        shares = self._region_shares(micro_batches)
         loss = None
         for j, batch in enumerate(micro_batches):
-            chunk_loss = self.forward_pass(self._chunk_loss, j, batch, cache)
+            chunk_loss = self.forward_pass(self._chunk_loss, j, batch, cache, shares[j])
             chunk_loss.backward()
             loss = chunk_loss if loss is None else loss
+        if "region" in cache[0]:
+            self.last_region_loss = float(sum(float(c["region"]) * w for c, w in zip(cache, shares, strict=True)))
         return loss
 
-    def _chunk_loss(self, j: int, batch: dict[str, Any], cache: list[Features]) -> torch.Tensor:
-        """The full-batch loss with chunk ``j``'s features recomputed with gradients."""
+    @staticmethod
+    def _region_shares(micro_batches: list[dict[str, Any]]) -> list[float]:
+        """Each chunk's share of the labelled regions: the region loss is a mean over all of them."""
+        from mmstack.models.regions import IGNORE
+
+        if "region_targets" not in micro_batches[0]:
+            return [0.0] * len(micro_batches)
+        counts = [int((b["region_targets"] != IGNORE).sum()) for b in micro_batches]
+        return [c / max(1, sum(counts)) for c in counts]
+
+    def _chunk_loss(self, j: int, batch: dict[str, Any], cache: list[Features], share: float) -> torch.Tensor:
+        """The full-batch loss with chunk ``j``'s features recomputed with gradients; the region term
+        (which couples no samples) is chunk ``j``'s own, weighted by its ``share`` of the regions."""
         fresh = self.features(batch)
-        merged = {k: torch.cat([fresh[k] if i == j else c[k] for i, c in enumerate(cache)]) for k in fresh}
+        merged = {
+            k: torch.cat([fresh[k] if i == j else c[k] for i, c in enumerate(cache)]) for k in fresh if k != "region"
+        }
+        if "region" in fresh:
+            merged["region"] = fresh["region"] * share
         return self.full_loss(merged, with_scale_grad=j == 0)
 
     def param_groups(self, weight_decay: float) -> list[dict]:

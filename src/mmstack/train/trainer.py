@@ -35,6 +35,7 @@ from mmstack.train.sampler import DistInfo, StepSampler
 from mmstack.train.state import load_state, rng_state, save_state, set_rng_state
 from mmstack.train.task import Task
 from mmstack.utils.atomic import atomic_write_json, atomic_write_text
+from mmstack.utils.precision import effective_precision
 from mmstack.utils.progress import console, make_progress
 from mmstack.utils.seeding import seed_everything
 
@@ -158,7 +159,7 @@ class Trainer:
         self.dist = dist or init_distributed()
         self.resume, self.on_step_end = resume, on_step_end
         self.sampler = StepSampler(len(data), cfg.batch_size, cfg.seed, self.dist)
-        task.precision = cfg.precision
+        task.precision = effective_precision(cfg.precision, task.device)  # bf16 only where it is native
         set_attention(task.model, cfg.attention)  # eager on CPU: see mmstack.train.attention
         # wrap before building the optimiser: FSDP replaces the parameters with sharded ones
         self.parallel = Parallel(task.model, cfg.parallel, self.dist)

@@ -1,0 +1,159 @@
+"""Where the bridge VLM's answers are lost: the same small question reader over different visual tokens.
+
+A VLM A/B costs about ten minutes; this diagnostic answers "do these visual tokens hold what the questions
+need?" in a few. One reader, a 4-layer 128-wide transformer classifier over [visual tokens; question words]
+that predicts the answer string (every (image, question) pair of the world's conversations, one per
+sample), is trained for the same steps on:
+
+- **oracle** tokens: one per world cell (3 x 3), one-hot (occupied, shape, colour, size) from the scene's
+  ground truth, i.e. a perfect object-centric vision tower;
+- **tower** tokens: the frozen demo CLIP's hidden states as the bridge reads them (layer -2, CLS dropped)
+  and its last layer with CLS.
+
+Accuracy is reported by question kind on the val world (exact answer match). If the oracle reader is
+near-perfect where the tower's is not, the vision features, not the reader (or the LM), bound VQA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.bench_bridge import _clip, _worlds
+
+STEPS, QUICK_STEPS = 1500, 30
+BATCH = 128
+
+
+def qa_rows(folder: Path) -> list[tuple[int, list[str], str, str]]:
+    """(image index, question words, answer, kind) for every turn of ``conversations.json``."""
+    rows = []
+    for i, conv in enumerate(json.loads((folder / "conversations.json").read_text())):
+        turns = conv["conversations"]
+        for j in range(0, len(turns), 2):
+            words = re.sub(r"<image>\n?", "", turns[j]["value"]).lower().replace("?", " ?").split()
+            rows.append((i, words, turns[j + 1]["value"], conv["kinds"][j // 2]))
+    return rows
+
+
+def oracle_tokens(folder: Path) -> torch.Tensor:
+    """(N, 9, 19) ground-truth cell tokens: occupied, shape (8), colour (8), size (2), one-hot."""
+    from mmstack.world.vocab import COLOUR_NAMES, SHAPES, SIZES
+
+    scenes = {}
+    for line in (folder / "scenes.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        scenes[scene["id"]] = scene
+    convs = json.loads((folder / "conversations.json").read_text())
+    out = torch.zeros(len(convs), 9, 1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZES))
+    for i, conv in enumerate(convs):
+        for obj in scenes[conv["id"]]["objects"]:
+            token = out[i, obj["row"] * 3 + obj["col"]]
+            token[0] = 1
+            token[1 + SHAPES.index(obj["shape"])] = 1
+            token[1 + len(SHAPES) + COLOUR_NAMES.index(obj["colour"])] = 1
+            token[1 + len(SHAPES) + len(COLOUR_NAMES) + SIZES.index(obj["size"])] = 1
+    return out
+
+
+@torch.no_grad()
+def tower_tokens(clip: Path, folder: Path, layer: int, keep_cls: bool) -> torch.Tensor:
+    """(N, T, D) hidden states of the two-tower checkpoint's image tower for the conversations' images."""
+    from mmstack import load
+    from mmstack.data.images import load_image
+
+    model = load(str(clip)).eval()
+    convs = json.loads((folder / "conversations.json").read_text())
+    parts = []
+    for start in range(0, len(convs), 500):
+        pixels = model.processor.images([load_image(folder / c["image"]) for c in convs[start : start + 500]])
+        hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+        parts.append(hidden if keep_cls else hidden[:, 1:])
+    return torch.cat(parts)
+
+
+class QuestionReader(nn.Module):
+    """A bidirectional transformer over projected visual tokens and question words; answers from the last slot."""
+
+    def __init__(self, token_dim: int, n_tokens: int, vocab: int, max_words: int, n_answers: int, width: int = 128):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(token_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.words = nn.Embedding(vocab + 2, width)  # 0 = padding, vocab + 1 = the answer slot
+        self.position = nn.Parameter(torch.randn(n_tokens + max_words + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, 0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(width, n_answers)
+
+    def forward(self, tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        slot = self.words.weight[-1].expand(len(words), 1, -1)
+        x = torch.cat([self.project(tokens), self.words(words), slot], dim=1) + self.position  # (B, T + L + 1, W)
+        return self.head(self.encoder(x)[:, -1])  # (B, n_answers)
+
+
+def read(train: torch.Tensor, val: torch.Tensor, rows: dict[str, list], steps: int, seed: int = 0) -> dict[str, Any]:
+    """Train a ``QuestionReader`` on ``train`` tokens for ``steps`` and report val accuracy by kind."""
+    torch.manual_seed(seed)
+    every = rows["train"] + rows["val"]
+    vocab = {w: k + 1 for k, w in enumerate(sorted({w for r in every for w in r[1]}))}
+    answers = {a: k for k, a in enumerate(sorted({r[2] for r in every}))}
+    width = max(len(r[1]) for r in every)
+
+    def tensors(split_rows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        words = torch.zeros(len(split_rows), width, dtype=torch.long)
+        for k, r in enumerate(split_rows):
+            words[k, : len(r[1])] = torch.tensor([vocab[w] for w in r[1]])
+        return torch.tensor([r[0] for r in split_rows]), words, torch.tensor([answers[r[2]] for r in split_rows])
+
+    mean, std = train.mean((0, 1)), train.std((0, 1)).clamp_min(1e-3)
+    train, val = (train - mean) / std, (val - mean) / std
+    (img, words, target), (vimg, vwords, vtarget) = tensors(rows["train"]), tensors(rows["val"])
+    model = QuestionReader(train.shape[-1], train.shape[1], len(vocab), width, len(answers))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.05)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b = torch.randint(0, len(target), (BATCH,))
+        loss = F.cross_entropy(model(train[img[b]], words[b]), target[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat(
+            [model(val[vimg[i : i + 1000]], vwords[i : i + 1000]).argmax(-1) for i in range(0, len(vtarget), 1000)]
+        )
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r, ok in zip(rows["val"], (pred == vtarget).tolist(), strict=True):
+        hits[r[3]].append(ok)
+    by_kind = {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+    total = sum(sum(v) for v in hits.values()) / len(rows["val"])
+    return {"accuracy": round(total, 3), "by_kind": by_kind, "final_loss": round(loss.item(), 3),
+            "train_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """``MMSTACK_READER_CLIP=PATH`` reads another two-tower checkpoint's tower instead of the bench's demo CLIP."""
+    dirs = _worlds(quick)
+    clip = Path(os.environ["MMSTACK_READER_CLIP"]) if os.environ.get("MMSTACK_READER_CLIP") else None
+    clip = clip or _clip(quick, dirs["train"])[0]
+    steps = QUICK_STEPS if quick else STEPS
+    rows = {split: qa_rows(dirs[split]) for split in ("train", "val")}
+    sources = {
+        "oracle cells": lambda d: oracle_tokens(d),
+        "tower layer -2 (bridge)": lambda d: tower_tokens(clip, d, -2, keep_cls=False),
+        "tower layer -1 + CLS": lambda d: tower_tokens(clip, d, -1, keep_cls=True),
+    }
+    out: dict[str, Any] = {"steps": steps, "batch": BATCH, "n_train_questions": len(rows["train"]), "clip": str(clip)}
+    for name, tokens in sources.items():
+        out[name] = read(tokens(dirs["train"]), tokens(dirs["val"]), rows, steps)
+    return out
