@@ -142,7 +142,8 @@ def read(train: torch.Tensor, val: torch.Tensor, rows: dict[str, list], steps: i
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """``MMSTACK_READER_CLIP=PATH`` reads another two-tower checkpoint's tower instead of the bench's demo CLIP."""
+    """``MMSTACK_READER_CLIP=PATH`` reads another two-tower checkpoint's tower instead of the bench's demo CLIP;
+    ``MMSTACK_READER_SOURCES`` (comma-separated names) runs only those token sources."""
     dirs = _worlds(quick)
     clip = Path(os.environ["MMSTACK_READER_CLIP"]) if os.environ.get("MMSTACK_READER_CLIP") else None
     clip = clip or _clip(quick, dirs["train"])[0]
@@ -151,8 +152,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     sources = {
         "oracle cells": lambda d: oracle_tokens(d),
         "tower layer -2 (bridge)": lambda d: tower_tokens(clip, d, -2, keep_cls=False),
+        "tower layer -1": lambda d: tower_tokens(clip, d, -1, keep_cls=False),
         "tower layer -1 + CLS": lambda d: tower_tokens(clip, d, -1, keep_cls=True),
     }
+    if os.environ.get("MMSTACK_READER_SOURCES"):  # e.g. "tower layer -1,tower layer -2 (bridge)"
+        sources = {k: sources[k] for k in os.environ["MMSTACK_READER_SOURCES"].split(",")}
     out: dict[str, Any] = {"steps": steps, "batch": BATCH, "n_train_questions": len(rows["train"]), "clip": str(clip)}
     for name, tokens in sources.items():
         out[name] = read(tokens(dirs["train"]), tokens(dirs["val"]), rows, steps)
