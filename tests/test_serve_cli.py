@@ -59,26 +59,45 @@ def test_example_config_is_valid():
     assert cfg.collections["demo"].db.endswith("demo-output/index/db")
 
 
-@pytest.mark.slow
-def test_serve_process_answers_on_loopback(clip_dir):
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MMSTACK_API_KEY": "k1"}
-    cmd = [sys.executable, "-m", "mmstack", "serve", "--model", f"clip={clip_dir}", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+        return s.getsockname()[1]
+
+
+def _start_server(args: list[str], env: dict[str, str], tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """Start ``mmstack serve`` on a free loopback port and wait for /healthz.
+
+    A port found free can be taken by another process (a parallel test worker, gloo's
+    ephemeral sockets) before the server binds it, so a bind clash retries on a new port.
+    """
+    for attempt in range(tries):
+        port = _free_port()
+        cmd = [sys.executable, "-m", "mmstack", "serve", *args, "--port", str(port)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while True:
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
+                    return proc, url
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline
             time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            pytest.fail("the server did not answer /healthz within 60 s")
+        err = proc.stderr.read().decode()
+        if "address already in use" not in err or attempt == tries - 1:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{err}")
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.slow
+def test_serve_process_answers_on_loopback(clip_dir):
+    env = {**os.environ, "MMSTACK_API_KEY": "k1"}
+    proc, url = _start_server(["--model", f"clip={clip_dir}"], env)
+    try:
         body = {"model": "clip", "input": "a red circle", "encoding_format": "float"}
         assert httpx.post(url + "/v1/embeddings", json=body).status_code == 401  # the key came from the env
         r = httpx.post(url + "/v1/embeddings", json=body, headers={"Authorization": "Bearer k1"})
