@@ -57,6 +57,7 @@ def tiny_model(
     image_size: int = 32,
     vision_type: str = "clip_vision_model",
     position_embedding: bool = False,
+    input_norm: bool = False,
     **processor: object,
 ) -> BridgeModel:
     """A random tiny bridge model with a word-level tokenizer and its processor attached."""
@@ -66,7 +67,13 @@ def tiny_model(
         vision=tiny_vision(image_size, vision_type),
         text=tiny_text(len(tok), tok),
         connector=ConnectorConfig(
-            type=connector, num_queries=4, depth=1, heads=2, position_embedding=position_embedding, max_grid=8
+            type=connector,
+            num_queries=4,
+            depth=1,
+            heads=2,
+            position_embedding=position_embedding,
+            max_grid=8,
+            input_norm=input_norm,
         ),
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=select,

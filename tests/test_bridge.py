@@ -272,6 +272,30 @@ def test_grid_positions_need_an_mlp_fit_the_grid_and_cannot_be_exported(tmp_path
         assert torch.equal(model.encode_videos([frames]), back.encode_videos([frames]))
 
 
+def test_connector_input_norm_normalises_features_trains_and_round_trips(tmp_path):
+    from mmstack.errors import ConfigError
+    from mmstack.models.connectors import ConnectorConfig
+
+    with pytest.raises(ConfigError, match="input_norm needs type 'mlp'"):
+        ConnectorConfig(type="resampler", input_norm=True)
+    model = tiny_model(input_norm=True)
+    views = model.processor.image_views(solid("red"))
+    with torch.no_grad():
+        feats = model.vision_features(views)
+        shifted = model.connector(feats * 3.0 + 5.0)  # a shared offset and scale the norm removes
+        assert torch.allclose(model.connector(feats), shifted, atol=1e-4)
+        assert not torch.allclose(tiny_model().connector(feats), tiny_model().connector(feats * 3.0 + 5.0))
+    model.train()
+    model(**model.processor([qa("What colour is the star?", "red")], [solid("red")])).loss.backward()
+    assert model.connector.norm.weight.grad.abs().sum() > 0
+    with pytest.raises(ModelError, match="input_norm: false"):
+        export_llava(model, tmp_path / "hf")
+    model.save_pretrained(tmp_path / "ckpt")
+    back = BridgeModel.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(model.encode_images([views]), back.encode_images([views]))
+
+
 def test_siglip_vision_tower_works():
     model = tiny_model(vision_type="siglip_vision_model", select="full")
     assert model.tokens_per_view(32, 32) == 16  # no CLS token

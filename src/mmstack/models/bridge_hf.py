@@ -52,6 +52,11 @@ def llava_config(model: BridgeModel):
             "this model adds grid position embeddings to its visual tokens, which HF Llava has no place for; "
             "export a model trained with connector.position_embedding: false"
         )
+    if cfg.connector.input_norm:
+        raise ModelError(
+            "this model layer-normalises its visual features before the MLP, which HF Llava's projector lacks; "
+            "export a model trained with connector.input_norm: false"
+        )
     strategy = cfg.vision_feature_select_strategy if vision_has_cls(cfg.vision) else "full"
     size = int(model.vision_tower.config.image_size)
     return LlavaConfig(

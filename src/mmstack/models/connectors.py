@@ -3,6 +3,8 @@
 - ``MlpProjector``: LLaVA-1.5's two-layer MLP with GELU, one output token per visual token. Its parameter
   names (``linear_1``, ``linear_2``) are those of HF ``LlavaMultiModalProjector``, so weights move between
   the two unchanged.
+  With ``input_norm`` a LayerNorm comes first (InternVL's projector, Qwen2-VL's patch merger): it evens out
+  vision features whose raw hidden states carry a large shared offset or widely varying norms.
 - ``PerceiverResampler``: Flamingo's resampler. ``M`` learned queries cross-attend to the ``N`` visual
   tokens (and to themselves) for a few layers, so any number of visual tokens is compressed to ``M``.
   The language model's sequence, and with it prefill cost, no longer grows with the image resolution.
@@ -34,6 +36,8 @@ class ConnectorConfig:
         depth, heads, width: resampler layers, attention heads, and inner width (0: the vision width).
         act: the MLP's activation (``"gelu"``, as LLaVA).
         bias: biases in the MLP's linear layers (HF ``multimodal_projector_bias``).
+        input_norm: a LayerNorm over the visual features before the MLP (InternVL, Qwen2-VL); such a
+            model has no HF Llava equivalent.
         position_embedding: add learned 2-D (row + column) embeddings to the MLP's output tokens
             (``GridPositionEmbedding``); such a model has no HF Llava equivalent.
         max_grid: rows and columns of patches the position embedding covers.
@@ -46,6 +50,7 @@ class ConnectorConfig:
     width: int = 0
     act: str = "gelu"
     bias: bool = True
+    input_norm: bool = False
     position_embedding: bool = False
     max_grid: int = 32
 
@@ -61,6 +66,8 @@ class ConnectorConfig:
             raise ConfigError(f"connector.width={self.width} must be divisible by connector.heads={self.heads}")
         if self.position_embedding and self.type != "mlp":
             raise ConfigError("connector.position_embedding needs type 'mlp' (a resampler's queries have no grid)")
+        if self.input_norm and self.type != "mlp":
+            raise ConfigError("connector.input_norm needs type 'mlp' (the resampler normalises its inputs already)")
         if self.max_grid <= 0:
             raise ConfigError(f"connector.max_grid must be > 0, got {self.max_grid}")
         if self.act not in _ACTS:
@@ -71,10 +78,14 @@ _ACTS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh
 
 
 class MlpProjector(nn.Module):
-    """LLaVA-1.5's projector: ``linear_2(gelu(linear_1(x)))``, (B, N, D_vision) -> (B, N, D_text)."""
+    """LLaVA-1.5's projector: ``linear_2(gelu(linear_1(x)))``, (B, N, D_vision) -> (B, N, D_text); with
+    ``input_norm``, ``x`` is layer-normalised first."""
 
-    def __init__(self, vision_dim: int, text_dim: int, act: str = "gelu", bias: bool = True) -> None:
+    def __init__(
+        self, vision_dim: int, text_dim: int, act: str = "gelu", bias: bool = True, input_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(vision_dim) if input_norm else None
         self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
         self.act = _ACTS[act]()
         self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
@@ -84,6 +95,8 @@ class MlpProjector(nn.Module):
         return n_visual
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            features = self.norm(features)
         return self.linear_2(self.act(self.linear_1(features)))
 
 
@@ -169,5 +182,5 @@ class GridPositionEmbedding(nn.Module):
 def build_connector(cfg: ConnectorConfig, vision_dim: int, text_dim: int) -> MlpProjector | PerceiverResampler:
     """The connector named by ``cfg`` between widths ``vision_dim`` and ``text_dim``."""
     if cfg.type == "mlp":
-        return MlpProjector(vision_dim, text_dim, cfg.act, cfg.bias)
+        return MlpProjector(vision_dim, text_dim, cfg.act, cfg.bias, cfg.input_norm)
     return PerceiverResampler(vision_dim, text_dim, cfg.num_queries, cfg.depth, cfg.heads, cfg.width)
