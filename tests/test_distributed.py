@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from _net import free_port
 from mmstack.train.distributed import teardown
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
@@ -45,12 +45,6 @@ def toy_task() -> Task:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 2))
     return Task(model, lambda m, b: nn.functional.mse_loss(m(b["x"]), b["y"]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _toy_rank(rank: int, port: int, out: str, parallel: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from _net import free_port
 from _serve_models import save_clip
 from mmstack.config import configs_dir
 
@@ -59,12 +59,6 @@ def test_example_config_is_valid():
     assert cfg.collections["demo"].db.endswith("demo-output/index/db")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(args: list[str], env: dict[str, str], tries: int = 3) -> tuple[subprocess.Popen, str]:
     """Start ``mmstack serve`` on a free loopback port and wait for /healthz.
 
@@ -72,7 +66,7 @@ def _start_server(args: list[str], env: dict[str, str], tries: int = 3) -> tuple
     ephemeral sockets) before the server binds it, so a bind clash retries on a new port.
     """
     for attempt in range(tries):
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "mmstack", "serve", *args, "--port", str(port)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
