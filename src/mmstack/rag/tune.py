@@ -43,6 +43,7 @@ class RagTuneConfig:
         text_only: share of conversations with notes only (cheap; they teach the in-context lookup).
         text_steps, text_batch: an optional first phase on notes-only conversations (0 steps: none).
         train_vision: also train the vision tower (slower; usually not needed).
+        split_digits: read unknown numbers digit by digit (``split_numbers_into_digits``).
         train: optimiser settings for the shared trainer.
     """
 
@@ -55,6 +56,7 @@ class RagTuneConfig:
     text_steps: int = 0
     text_batch: int = 64
     train_vision: bool = False
+    split_digits: bool = True
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-3, warmup_steps=20, max_steps=300, batch_size=16, weight_decay=0.0)
     )
@@ -83,37 +85,77 @@ def unknown_words(tokenizer: Any, texts: list[str]) -> list[str]:
         text = text.replace(IMAGE_TOKEN, " ").replace(VIDEO_TOKEN, " ")
         norm = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
         for word, _ in backend.pre_tokenizer.pre_tokenize_str(norm):
-            if word not in seen and tokenizer.convert_tokens_to_ids(word) == unk:
+            if word not in seen and _reads_as_unknown(tokenizer, backend, word, unk):
                 seen[word] = None
     return list(seen)
 
 
-def extend_vocabulary(model: Any, texts: list[str]) -> list[str]:
+def _reads_as_unknown(tokenizer: Any, backend: Any, word: str, unk: int) -> bool:
+    """Whether ``word`` (one pre-tokenized word) maps to the unknown token: not an added token, and its
+    model pieces (one for a word-level vocabulary, several for digits read one by one) include ``unk``."""
+    if tokenizer.convert_tokens_to_ids(word) != unk:
+        return False
+    return any(t.id == unk for t in backend.model.tokenize(word))
+
+
+def extend_vocabulary(model: Any, texts: list[str], split_digits: bool = True) -> list[str]:
     """Add the words of ``texts`` that the model's tokenizer does not know; grow the LM embeddings to match.
 
     Words are added whole (a number never matches inside a longer number); punctuation may touch its
-    neighbours ("[2]"). Returns the added words.
+    neighbours ("[2]"). With ``split_digits`` a word-level tokenizer first learns to read unknown numbers
+    digit by digit (``split_numbers_into_digits``), so "17" is "1" "##7", not one of 99 rare words.
+    Returns the added words (digit pieces included).
     """
     from tokenizers import AddedToken
 
     tok = model.processor.tokenizer
+    old = len(tok)
+    pieces = split_numbers_into_digits(tok) if split_digits else []
     words = unknown_words(tok, texts)
-    if not words:
+    if not words and not pieces:
         return []
-    tok.add_tokens([AddedToken(w, single_word=not _PUNCT_ONLY.match(w), normalized=True) for w in words])
+    if words:
+        tok.add_tokens([AddedToken(w, single_word=not _PUNCT_ONLY.match(w), normalized=True) for w in words])
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers logs its mean resizing at length
     try:
         lm = model.language_model
-        old = lm.get_input_embeddings().weight.shape[0]
+        old = min(old, lm.get_input_embeddings().weight.shape[0])
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     _spread_new_rows(lm, old)
     model.config.text["vocab_size"] = len(tok)  # so from_pretrained rebuilds the grown LM
-    return words
+    return pieces + words
+
+
+def split_numbers_into_digits(tokenizer: Any) -> list[str]:
+    """Make a word-level tokenizer read the numbers it does not know digit by digit, as BERT's WordPiece
+    does: "17" becomes "1" "##7" and decodes back to "17". Returns the digit pieces added to its vocabulary
+    (ids after every existing one; the caller grows the embeddings).
+
+    A copy task over numbers then needs 20 frequent pieces instead of one rare word per number: the RAG
+    answer "exhibit 17" is learnt from every exhibit number, not from the few prompts that name 17. Known
+    words keep their ids and their single token (WordPiece matches a whole word first). Any other tokenizer
+    (BPE, a pretrained LM's) is left alone: it has its own way with numbers.
+    """
+    from tokenizers import models
+
+    backend = tokenizer.backend_tokenizer
+    if not isinstance(backend.model, models.WordLevel):
+        return []
+    # The added tokens (<image> ...) join the model's vocabulary under their own ids: tokenizers numbers the
+    # next added token after the model's vocabulary size, which must therefore count every id in use.
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        return []  # ids with gaps: growing it safely is not this function's job
+    pieces = [p for p in [*"0123456789", *(f"##{d}" for d in "0123456789")] if p not in vocab]
+    for piece in pieces:
+        vocab[piece] = len(vocab)
+    backend.model = models.WordPiece(vocab, unk_token=tokenizer.unk_token, max_input_chars_per_word=100)
+    return pieces
 
 
 @torch.no_grad()
@@ -213,7 +255,7 @@ def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = 
         n_notes = cfg.text_steps * cfg.text_batch // 2  # each seen about twice
         notes = build_training_set(n_notes, cfg.seed + 1, cfg.context_k, cfg.turns, text_only=1.0)
     texts = world_vocabulary() + [t["value"] for d in (data, notes) if d for ex in d.examples for t in ex.turns()]
-    added = extend_vocabulary(model, texts)
+    added = extend_vocabulary(model, texts, split_digits=cfg.split_digits)
     model.set_trainable(vision=cfg.train_vision, connector=True, language=True)
     run_config = {"rag_tune": to_dict(cfg), "base": str(base)}
     prepare_s = time.perf_counter() - t0
