@@ -99,6 +99,13 @@ def test_eval_rag_reports_every_metric(run_cli, models, tmp_path):
         assert 0.0 <= out[key] <= 1.0
     assert out["n"] == 5 and out["world"]["seed"] == 2 and "total_p50_ms" in out["latency"]
     assert (tmp_path / "bench" / "questions.jsonl").is_file()
+    assert out["dense"] is False  # the test CLIP's card records no region training
+    forced = run_cli(
+        "eval", "rag", "--model", models / "vlm", "--retriever", models / "clip", "--n", "5", "--records", "8",
+        "--seed", "2", "--dense", "--no-baseline", "--json",
+    )  # fmt: skip
+    assert forced.code == 0, forced.err
+    assert forced.json()["dense"] is True
 
 
 def test_demo_stage_smoke(models, tmp_path):

@@ -17,6 +17,9 @@ def eval_rag(
     n: int = typer.Option(100, "--n", help="Number of questions."),
     records: int = typer.Option(50, "--records", help="Exhibits in the knowledge base (at most 99)."),
     rerank: bool = typer.Option(False, "--rerank/--no-rerank", help="Rerank fused sources by the two-tower score."),
+    dense: bool = typer.Option(
+        None, "--dense/--no-dense", help="Patch scores in text -> image search (default: on for a region-trained CLIP)."
+    ),
     context_k: int = typer.Option(3, "--context-k", help="Sources placed in the prompt."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also answer without retrieval."),
     out: Path = typer.Option(None, "--out", help="Keep the generated benchmark folder here."),
@@ -34,12 +37,21 @@ def eval_rag(
 
     logging.getLogger("mmstack.rag").setLevel(logging.ERROR)  # per-question warnings are counted, not printed
     config = PipelineConfig(context_k=context_k, max_images=context_k)
-    result = run_rag_benchmark(model, retriever, seed, n, records, out, rerank, config, baseline)
+    result = run_rag_benchmark(model, retriever, seed, n, records, out, rerank, config, baseline, dense=dense)
     emit(result, as_json, render=_render)
 
 
 def _render(result: dict[str, Any]) -> None:
-    keys = ("model", "retriever", "n", "recall_at_5", "answer_accuracy", "citation_accuracy", "baseline_accuracy")
+    keys = (
+        "model",
+        "retriever",
+        "dense",
+        "n",
+        "recall_at_5",
+        "answer_accuracy",
+        "citation_accuracy",
+        "baseline_accuracy",
+    )
     print_kv({k: result.get(k) for k in keys}, title="RAG benchmark")
     print_rows([{"kind": k, **v} for k, v in result["by_kind"].items()], title="by question kind")
     print_kv(result["latency"], title="latency (ms)")

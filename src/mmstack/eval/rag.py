@@ -144,9 +144,11 @@ def run_rag_benchmark(
     config: PipelineConfig | None = None,
     baseline: bool = True,
     device: str = "cpu",
+    dense: bool | None = None,
 ) -> dict[str, Any]:
     """Build the world RAG benchmark from ``seed`` (in ``out``, or a temporary folder), answer its questions
-    with the VLM ``model`` over retrievers built with the two-tower ``retriever``; return the metrics."""
+    with the VLM ``model`` over retrievers built with the two-tower ``retriever``; return the metrics.
+    ``dense``: patch scores in text -> image search (``memory_retrievers``; ``None``: as the checkpoint says)."""
     import tempfile
 
     from mmstack.rag import BridgeGenerator, Pipeline, TwoTowerReranker
@@ -159,8 +161,9 @@ def run_rag_benchmark(
         world = generate_rag_world(folder, n_records=n_records, n_questions=n, seed=seed)
         two_tower = load_two_tower(retriever, device)
         generator = BridgeGenerator.from_pretrained(model, device=device)
+        retrievers = memory_retrievers(two_tower, items_from_pairs(folder / "pairs.jsonl"), dense=dense)
         pipe = Pipeline(
-            memory_retrievers(two_tower, items_from_pairs(folder / "pairs.jsonl")),
+            retrievers,
             generator,
             reranker=TwoTowerReranker(two_tower) if rerank else None,
             config=config or PipelineConfig(),
@@ -168,4 +171,12 @@ def run_rag_benchmark(
         items = [RagItem.from_dict(q) for q in load_rag_questions(folder)]
         metrics = evaluate_rag(pipe, items, baseline=generator if baseline else None, k=5)
     summary = {k: world[k] for k in ("seed", "n_records", "n_questions", "question_kinds")}
-    return {"model": str(model), "retriever": str(retriever), "rerank": rerank, "world": summary, **metrics}
+    dense_used = retrievers[2].matrix.patches is not None  # text, image, cross
+    return {
+        "model": str(model),
+        "retriever": str(retriever),
+        "rerank": rerank,
+        "dense": dense_used,
+        "world": summary,
+        **metrics,
+    }
