@@ -55,7 +55,7 @@ def test_extend_vocabulary_adds_whole_words_and_survives_save_load(tmp_path):
     tok = model.processor.tokenizer
     texts = ["Exhibit 17 belongs to the north hall. [2]", *world_vocabulary()]
     assert "17" in unknown_words(tok, texts) and "<image>" not in unknown_words(tok, texts)
-    added = extend_vocabulary(model, texts, split_digits=False)
+    added = extend_vocabulary(model, texts)
     assert {"exhibit", "17", "[", "north"} <= set(added)
     ids = tok("exhibit 17 [17] 170", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids)[:5] == ["exhibit", "17", "[", "17", "]"]
@@ -74,7 +74,8 @@ def test_split_digits_reads_numbers_piece_by_piece_and_decodes_them_whole(tmp_pa
     model = tiny_model()
     tok = model.processor.tokenizer
     before = {w: tok.convert_tokens_to_ids(w) for w in ("red", "<image>", "<video>", "circle")}
-    added = extend_vocabulary(model, ["Exhibit 17 belongs to the north hall. [2]", *world_vocabulary()])
+    texts = ["Exhibit 17 belongs to the north hall. [2]", *world_vocabulary()]
+    added = extend_vocabulary(model, texts, split_digits=True)
     assert {"##0", "##9", "exhibit", "north"} <= set(added)
     assert not any(w.isdigit() and len(w) > 1 for w in added)  # no number is a word of its own
     text = "exhibit 17 [2] 170 red <image>"
@@ -88,7 +89,7 @@ def test_split_digits_reads_numbers_piece_by_piece_and_decodes_them_whole(tmp_pa
     model.save_pretrained(tmp_path / "m")
     loaded = BridgeModel.from_pretrained(tmp_path / "m")
     assert loaded.processor.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
-    assert extend_vocabulary(loaded, [text]) == []  # nothing left to add, the split is saved with it
+    assert extend_vocabulary(loaded, [text], split_digits=True) == []  # nothing left: the split is saved with it
 
 
 def test_new_words_start_distinct_and_old_rows_stay():
@@ -101,7 +102,7 @@ def test_new_words_start_distinct_and_old_rows_stay():
     emb = model.language_model.get_input_embeddings().weight.detach()
     assert torch.equal(emb[: len(old_rows)], old_rows)
     new = emb[len(old_rows) :]
-    assert len(new) > 30  # the knowledge-base words and the digit pieces
+    assert len(new) > 50
     gaps = torch.cdist(new, new)[~torch.eye(len(new), dtype=torch.bool)]
     old_gaps = torch.cdist(old_rows, old_rows)[~torch.eye(len(old_rows), dtype=torch.bool)]
     assert gaps.min() > 0.5 * old_gaps.median()  # as far apart as the trained words are, none a copy
@@ -130,7 +131,7 @@ def test_tune_for_rag_end_to_end(tmp_path):
     train = TrainConfig(lr=1e-3, warmup_steps=0, max_steps=3, batch_size=4, log_every=1)
     cfg = RagTuneConfig(n_examples=12, context_k=2, turns=2, text_steps=2, text_batch=4, train=train)
     summary = tune_for_rag(tmp_path / "base", tmp_path / "tuned", cfg)
-    assert summary["steps"] == {"text": 2, "main": 3} and summary["added_words"] > 30
+    assert summary["steps"] == {"text": 2, "main": 3} and summary["added_words"] > 50
     assert (tmp_path / "tuned" / "run-text" / "metrics.jsonl").is_file()
     tuned = BridgeModel.from_pretrained(summary["model"])
     frozen = dict(base.vision_tower.named_parameters())

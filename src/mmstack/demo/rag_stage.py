@@ -5,7 +5,7 @@ Config (``rag:`` in the demo YAML; defaults in brackets): ``clip`` [models/clip]
 [models/vlm] (checkpoint folders inside the demo folder), ``seed`` [0], ``records`` [50], ``questions``
 [100], ``context_k`` [3], ``tune_examples`` [4800] conversations of ``tune_turns`` [4] questions,
 ``tune_steps`` [1200], ``tune_batch`` [16], ``tune_lr`` [1e-3], ``tune_precision`` [bf16], ``tune_split_digits``
-[true] (numbers read digit by digit, ``RagTuneConfig.split_digits``). The adapted VLM is
+[false] (numbers read digit by digit, ``RagTuneConfig.split_digits``). The adapted VLM is
 written to ``models/vlm-rag``. (300 fp32 steps gave answer accuracy 0.16 and 1200 bf16 steps 0.25 on the
 same models; with the new words' embeddings started apart instead of alike, 1200 steps give 0.40: note
 questions 0.25 -> 1.00, image questions 0.12 -> 0.42; BENCHMARKS.md, session 6.)
@@ -67,7 +67,7 @@ def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
         n_examples=int(cfg.get("tune_examples", 4800)),
         turns=int(cfg.get("tune_turns", 4)),
         context_k=int(cfg.get("context_k", 3)),
-        split_digits=bool(cfg.get("tune_split_digits", True)),
+        split_digits=bool(cfg.get("tune_split_digits", False)),
         train=train,
     )
     run_dir = ctx.path("runs", "vlm-rag")
