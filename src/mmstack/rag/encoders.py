@@ -57,21 +57,21 @@ class TwoTowerEncoder:
 
     def embed_paths(self, paths: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Image embeddings of files, ``batch_size`` at a time; (0, D) for no paths."""
-        chunks = [
-            self.embed_images([self.load_image(p) for p in paths[i : i + batch_size]])
-            for i in range(0, len(paths), batch_size)
-        ]
+        chunks = self._over_files(paths, self.embed_images, batch_size)
         return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
     def embed_paths_dense(self, paths: Sequence[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """``embed_images_dense`` of files, ``batch_size`` at a time; (0, D) and (0, 0, D) for no paths."""
-        chunks = [
-            self.embed_images_dense([self.load_image(p) for p in paths[i : i + batch_size]])
-            for i in range(0, len(paths), batch_size)
-        ]
+        chunks = self._over_files(paths, self.embed_images_dense, batch_size)
         if not chunks:
             return torch.zeros(0, 0), torch.zeros(0, 0, 0)
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+    def _over_files(self, paths: Sequence[str], embed: Callable[[list[Image.Image]], Any], batch_size: int) -> list:
+        """``embed`` applied to the images of ``paths``, ``batch_size`` files at a time."""
+        return [
+            embed([self.load_image(p) for p in paths[i : i + batch_size]]) for i in range(0, len(paths), batch_size)
+        ]
 
 
 ARTICLES = frozenset({"a", "an"})
