@@ -7,11 +7,13 @@ sample), is trained for the same steps on:
 
 - **oracle** tokens: one per world cell (3 x 3), one-hot (occupied, shape, colour, size) from the scene's
   ground truth, i.e. a perfect object-centric vision tower;
-- **tower** tokens: the frozen demo CLIP's hidden states as the bridge reads them (layer -2, CLS dropped)
-  and its last layer with CLS.
+- **tower** tokens: the frozen demo CLIP's hidden states (layer -2 with and without CLS, as the bridge reads
+  them; the last layer), and its post-norm last-layer patch tokens pooled by area into the world's 3 x 3 cells.
 
 Accuracy is reported by question kind on the val world (exact answer match). If the oracle reader is
-near-perfect where the tower's is not, the vision features, not the reader (or the LM), bound VQA.
+near-perfect where the tower's is not, either the features lack what the questions need or the reader cannot
+get it out of them in its steps: ``cell probe`` tells which, with one linear probe per attribute (shape,
+colour, size, occupied) on the tower's 3 x 3 cell tokens, fitted to the ground truth of the training scenes.
 """
 
 from __future__ import annotations
@@ -66,6 +68,30 @@ def oracle_tokens(folder: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
+def tower_cells(clip: Path, folder: Path, grid: int = 3) -> torch.Tensor:
+    """(N, 1 + grid * grid, D): the tower's CLS and its post-norm last-layer patch tokens pooled by area to a
+    ``grid`` x ``grid`` grid (the region term's cell features before the projection)."""
+    from mmstack import load
+    from mmstack.data.images import load_image
+    from mmstack.models.regions import box_weights
+
+    model = load(str(clip)).eval()
+    tower = getattr(model.vision_model, "vision_model", model.vision_model)
+    convs = json.loads((folder / "conversations.json").read_text())
+    edges = torch.linspace(0, 1, grid + 1)
+    boxes = torch.tensor([[edges[c], edges[r], edges[c + 1], edges[r + 1]] for r in range(grid) for c in range(grid)])
+    parts = []
+    for start in range(0, len(convs), 500):
+        pixels = model.processor.images([load_image(folder / c["image"]) for c in convs[start : start + 500]])
+        out = model.vision_model(pixel_values=pixels)
+        patches = tower.post_layernorm(out.last_hidden_state[:, 1:])  # (B, T, D)
+        side = int(patches.shape[1] ** 0.5)
+        cells = box_weights(boxes, side, side) @ patches  # (B, grid * grid, D)
+        parts.append(torch.cat([out.pooler_output[:, None], cells], dim=1))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
 def tower_tokens(clip: Path, folder: Path, layer: int, keep_cls: bool) -> torch.Tensor:
     """(N, T, D) hidden states of the two-tower checkpoint's image tower for the conversations' images."""
     from mmstack import load
@@ -97,6 +123,44 @@ class QuestionReader(nn.Module):
         slot = self.words.weight[-1].expand(len(words), 1, -1)
         x = torch.cat([self.project(tokens), self.words(words), slot], dim=1) + self.position  # (B, T + L + 1, W)
         return self.head(self.encoder(x)[:, -1])  # (B, n_answers)
+
+
+def cell_labels(folder: Path) -> torch.Tensor:
+    """(N, 9, 3) shape / colour / size index of each cell's object (-1 for an empty cell), in conversation order."""
+    oracle = oracle_tokens(folder)  # (N, 9, 19) one-hot: occupied, shape (8), colour (8), size (2)
+    labels = torch.stack([oracle[..., 1:9].argmax(-1), oracle[..., 9:17].argmax(-1), oracle[..., 17:].argmax(-1)], -1)
+    return labels.masked_fill(oracle[..., :1] == 0, -1)
+
+
+def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int) -> nn.Linear:
+    """A logistic-regression probe ``x`` (N, D) -> ``y`` (N,), fitted with L-BFGS and a small L2 penalty."""
+    probe = nn.Linear(x.shape[-1], classes)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=200)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + 1e-4 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return probe
+
+
+def probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: torch.Tensor) -> dict[str, float]:
+    """Val accuracy of one logistic-regression probe per cell attribute on (N, 9, D) standardised cell tokens."""
+    mean, std = train.mean((0, 1)), train.std((0, 1)).clamp_min(1e-3)
+    xt, xv = ((x - mean) / std for x in (train, val))
+    out = {}
+    for k, (name, classes) in enumerate((("shape", 8), ("colour", 8), ("size", 2), ("occupied", 2))):
+        yt, yv = (y[..., 0 if name == "occupied" else k] for y in (train_y, val_y))
+        if name == "occupied":
+            yt, yv = (yt >= 0).long(), (yv >= 0).long()
+        mt, mv = yt >= 0, yv >= 0
+        fitted = _fit_probe(xt[mt], yt[mt], classes)
+        with torch.no_grad():
+            out[name] = round((fitted(xv[mv]).argmax(-1) == yv[mv]).float().mean().item(), 3)
+    return out
 
 
 def read(train: torch.Tensor, val: torch.Tensor, rows: dict[str, list], steps: int, seed: int = 0) -> dict[str, Any]:
@@ -154,10 +218,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         "tower layer -2 (bridge)": lambda d: tower_tokens(clip, d, -2, keep_cls=False),
         "tower layer -1": lambda d: tower_tokens(clip, d, -1, keep_cls=False),
         "tower layer -1 + CLS": lambda d: tower_tokens(clip, d, -1, keep_cls=True),
+        "tower layer -2 + CLS (bridge)": lambda d: tower_tokens(clip, d, -2, keep_cls=True),
+        "tower cells 3x3 + CLS": lambda d: tower_cells(clip, d, 3),
     }
-    if os.environ.get("MMSTACK_READER_SOURCES"):  # e.g. "tower layer -1,tower layer -2 (bridge)"
-        sources = {k: sources[k] for k in os.environ["MMSTACK_READER_SOURCES"].split(",")}
+    if os.environ.get("MMSTACK_READER_SOURCES"):  # e.g. "cell probe,tower layer -2 (bridge)"
+        sources = {k: sources[k] for k in os.environ["MMSTACK_READER_SOURCES"].split(",") if k in sources}
     out: dict[str, Any] = {"steps": steps, "batch": BATCH, "n_train_questions": len(rows["train"]), "clip": str(clip)}
+    if not os.environ.get("MMSTACK_READER_SOURCES") or "cell probe" in os.environ["MMSTACK_READER_SOURCES"]:
+        cells = {split: tower_cells(clip, dirs[split], 3)[:, 1:] for split in ("train", "val")}  # CLS dropped
+        out["cell probe"] = probe(cells["train"], cell_labels(dirs["train"]), cells["val"], cell_labels(dirs["val"]))
     for name, tokens in sources.items():
         out[name] = read(tokens(dirs["train"]), tokens(dirs["val"]), rows, steps)
     return out

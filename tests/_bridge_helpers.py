@@ -58,6 +58,7 @@ def tiny_model(
     vision_type: str = "clip_vision_model",
     position_embedding: bool = False,
     input_norm: bool = False,
+    standardize: bool = False,
     **processor: object,
 ) -> BridgeModel:
     """A random tiny bridge model with a word-level tokenizer and its processor attached."""
@@ -74,6 +75,7 @@ def tiny_model(
             position_embedding=position_embedding,
             max_grid=8,
             input_norm=input_norm,
+            standardize=standardize,
         ),
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=select,

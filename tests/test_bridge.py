@@ -297,6 +297,37 @@ def test_connector_input_norm_normalises_features_trains_and_round_trips(tmp_pat
         assert torch.equal(model.encode_images([views]), back.encode_images([views]))
 
 
+def test_standardized_connector_folds_into_hf_llava_and_round_trips(tmp_path):
+    from mmstack.errors import ConfigError
+    from mmstack.models.connectors import ConnectorConfig
+
+    with pytest.raises(ConfigError, match="standardize needs type 'mlp'"):
+        ConnectorConfig(type="resampler", standardize=True)
+    model = tiny_model(standardize=True, select="full", feature_layer=-2)
+    assert not bool(model.connector.stats_measured)
+    sample = torch.cat([model.processor.image_views(solid(c)) for c in ("red", "green", "blue", "yellow")])
+    assert model.measure_feature_stats(sample) == 4 * 17  # 4 x 4 patches + CLS per image
+    conn = model.connector
+    with torch.no_grad():
+        feats = model.vision_features(sample).flatten(0, 1)
+        assert torch.allclose(conn.feature_mean, feats.mean(0)) and torch.allclose(conn.feature_std, feats.std(0))
+        standardized = (feats - feats.mean(0)) / feats.std(0)
+        assert torch.allclose(standardized.mean(0), torch.zeros(feats.shape[1]), atol=1e-5)
+        assert torch.allclose(conn(feats), conn.linear_2(conn.act(conn.linear_1(standardized))), atol=1e-5)
+    hf = to_hf_llava(model)  # the standardisation folded into linear_1
+    batch = _batch(model, "right")
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        ours = model(batch["input_ids"], mask, batch["pixel_values"]).logits
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+    assert (ours[mask.bool()] - theirs[mask.bool()]).abs().max().item() <= 1e-4
+    model.save_pretrained(tmp_path / "ckpt")
+    back = BridgeModel.from_pretrained(tmp_path / "ckpt")
+    assert bool(back.connector.stats_measured) and torch.equal(back.connector.feature_std, conn.feature_std)
+    with pytest.raises(ConfigError, match="standardize: false"):
+        tiny_model().connector.set_feature_stats(feats)
+
+
 def test_siglip_vision_tower_works():
     model = tiny_model(vision_type="siglip_vision_model", select="full")
     assert model.tokens_per_view(32, 32) == 16  # no CLS token

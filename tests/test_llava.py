@@ -101,6 +101,35 @@ def test_lora_stage_merges_into_a_plain_checkpoint(world, staged, tmp_path):
                        s2["language_model.model.layers.0.mlp.up_proj.weight"])  # fmt: skip
 
 
+def test_connector_standardization_is_measured_once_in_stage1(world, tmp_path):
+    out = tmp_path / "run"
+    train_llava(_cfg(world, "model.connector.standardize=true", "stage2.train_vision=false"), out, "all")
+    s0, s1, s2 = (_state(out / f"stage{s}" / "model") for s in (0, 1, 2))
+    assert not bool(s0["connector.stats_measured"]) and bool(s1["connector.stats_measured"])
+    assert s1["connector.feature_std"].min() > 0 and not torch.equal(
+        s1["connector.feature_std"], s0["connector.feature_std"]
+    )
+    assert torch.equal(s1["connector.feature_mean"], s2["connector.feature_mean"])  # stage 2 keeps stage 1's
+    cfg = _cfg(world, "model.connector.standardize=true", "stage1.data=[{kind: text}]")
+    with pytest.raises(ConfigError, match="has no images"):
+        train_llava(cfg, tmp_path / "text-only", "all")
+
+
+def test_connector_and_vision_learning_rate_scales(world):
+    from mmstack.train.llava import LlavaTask
+
+    model = build_model(_cfg(world), ["a red circle", "What colour?"])
+    model.set_trainable(vision=True, connector=True, language=True)
+    groups = LlavaTask(model, vision_lr_scale=0.1, lr=1e-3, connector_lr_scale=5.0).param_groups(0.05)
+    lr = {id(p): g.get("lr", 1e-3) for g in groups for p in g["params"]}
+    assert len(lr) == sum(1 for p in model.parameters())  # every parameter exactly once
+    assert lr[id(model.connector.linear_1.weight)] == lr[id(model.temporal_embedding)] == pytest.approx(5e-3)
+    assert all(lr[id(p)] == pytest.approx(1e-4) for p in model.vision_tower.parameters())
+    assert all(lr[id(p)] == 1e-3 for p in model.language_model.parameters())
+    with pytest.raises(ConfigError, match="connector_lr_scale must be > 0"):
+        _cfg(world, "stage2.connector_lr_scale=0")
+
+
 def test_mixture_repeat_factors_and_weights(world, tmp_path):
     cfg = _cfg(world)
     model = build_model(cfg, ["a red circle", "What colour?"])

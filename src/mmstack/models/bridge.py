@@ -197,6 +197,17 @@ class BridgeModel(nn.Module):
 
     # ------------------------------------------------------------------------------------- encoding
 
+    @torch.no_grad()
+    def measure_feature_stats(self, pixel_values: PixelInput) -> int:
+        """Fix the connector's standardisation (``connector.standardize``) from the vision features of these
+        images, as the connector sees them; returns the number of feature vectors measured."""
+        feats = [self.vision_features(v).flatten(0, 1) for v in _as_views(pixel_values)]
+        if not feats:
+            raise ConfigError("connector.standardize needs images to measure feature statistics; the batch had none")
+        stacked = torch.cat(feats).float()
+        self.connector.set_feature_stats(stacked)
+        return stacked.shape[0]
+
     def vision_features(self, pixel_values: torch.Tensor, pool: int = 1) -> torch.Tensor:
         """Selected hidden states of the vision tower for views of one size: (V, 3, H, W) -> (V, N, D_v)."""
         h, w = pixel_values.shape[-2:]

@@ -82,7 +82,7 @@ def to_hf_llava(model: BridgeModel):
     state: dict[str, torch.Tensor] = {}
     for k, v in model.vision_tower.state_dict().items():
         state[f"model.vision_tower.{k}"] = v
-    for k, v in model.connector.state_dict().items():
+    for k, v in model.connector.folded_state_dict().items():  # connector.standardize folded into linear_1
         state[f"model.multi_modal_projector.{k}"] = v
     for k, v in model.language_model.state_dict().items():
         if k.startswith(prefix):

@@ -5,6 +5,10 @@
   the two unchanged.
   With ``input_norm`` a LayerNorm comes first (InternVL's projector, Qwen2-VL's patch merger): it evens out
   vision features whose raw hidden states carry a large shared offset or widely varying norms.
+  With ``standardize`` each feature dimension is first standardised with a fixed mean and std measured once on
+  training images (``set_feature_stats``, as a BatchNorm in eval mode, or the standardisation in front of a
+  linear probe): a frozen CLIP's hidden states share a large common direction, which otherwise swamps the
+  differences between tokens at the MLP's input. Being affine, it folds into ``linear_1`` for HF export.
 - ``PerceiverResampler``: Flamingo's resampler. ``M`` learned queries cross-attend to the ``N`` visual
   tokens (and to themselves) for a few layers, so any number of visual tokens is compressed to ``M``.
   The language model's sequence, and with it prefill cost, no longer grows with the image resolution.
@@ -38,6 +42,8 @@ class ConnectorConfig:
         bias: biases in the MLP's linear layers (HF ``multimodal_projector_bias``).
         input_norm: a LayerNorm over the visual features before the MLP (InternVL, Qwen2-VL); such a
             model has no HF Llava equivalent.
+        standardize: standardise each visual feature dimension with statistics measured on training images
+            before the MLP (the recipe measures them when a stage first trains the connector).
         position_embedding: add learned 2-D (row + column) embeddings to the MLP's output tokens
             (``GridPositionEmbedding``); such a model has no HF Llava equivalent.
         max_grid: rows and columns of patches the position embedding covers.
@@ -51,6 +57,7 @@ class ConnectorConfig:
     act: str = "gelu"
     bias: bool = True
     input_norm: bool = False
+    standardize: bool = False
     position_embedding: bool = False
     max_grid: int = 32
 
@@ -66,6 +73,8 @@ class ConnectorConfig:
             raise ConfigError(f"connector.width={self.width} must be divisible by connector.heads={self.heads}")
         if self.position_embedding and self.type != "mlp":
             raise ConfigError("connector.position_embedding needs type 'mlp' (a resampler's queries have no grid)")
+        if self.standardize and self.type != "mlp":
+            raise ConfigError("connector.standardize needs type 'mlp' (the resampler normalises its inputs already)")
         if self.input_norm and self.type != "mlp":
             raise ConfigError("connector.input_norm needs type 'mlp' (the resampler normalises its inputs already)")
         if self.max_grid <= 0:
@@ -82,9 +91,20 @@ class MlpProjector(nn.Module):
     ``input_norm``, ``x`` is layer-normalised first."""
 
     def __init__(
-        self, vision_dim: int, text_dim: int, act: str = "gelu", bias: bool = True, input_norm: bool = False
+        self,
+        vision_dim: int,
+        text_dim: int,
+        act: str = "gelu",
+        bias: bool = True,
+        input_norm: bool = False,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
+        self.standardize = standardize
+        if standardize:  # identity until set_feature_stats; saved with the weights
+            self.register_buffer("feature_mean", torch.zeros(vision_dim))
+            self.register_buffer("feature_std", torch.ones(vision_dim))
+            self.register_buffer("stats_measured", torch.zeros((), dtype=torch.bool))
         self.norm = nn.LayerNorm(vision_dim) if input_norm else None
         self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
         self.act = _ACTS[act]()
@@ -94,7 +114,35 @@ class MlpProjector(nn.Module):
         """Output tokens for ``n_visual`` input tokens (one each)."""
         return n_visual
 
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Fix the standardisation from (N, D_vision) sample features: per-dimension mean and std."""
+        if not self.standardize:
+            raise ConfigError("this connector was built with connector.standardize: false; it has no feature stats")
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ConfigError(f"feature stats need (N >= 2, D) features, got shape {tuple(features.shape)}")
+        features = features.float()
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(features.std(0).clamp_min(1e-6))
+        self.stats_measured.fill_(True)
+
+    def folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights of an equivalent plain MLP (HF ``LlavaMultiModalProjector``): the standardisation
+        ``(x - m) / s`` folded into ``linear_1`` as ``W / s`` and ``b - (W / s) m``."""
+        if self.norm is not None:
+            raise ConfigError("a connector with input_norm has no plain-MLP equivalent")
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(("linear_1.", "linear_2."))}
+        if self.standardize:
+            if self.linear_1.bias is None:
+                raise ConfigError("folding connector.standardize into linear_1 needs connector.bias: true")
+            weight = self.linear_1.weight / self.feature_std  # (D_t, D_v), column j scaled by 1 / s_j
+            state["linear_1.weight"] = weight
+            state["linear_1.bias"] = self.linear_1.bias - weight @ self.feature_mean
+        return state
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            features = (features - self.feature_mean.to(features.dtype)) / self.feature_std.to(features.dtype)
         if self.norm is not None:
             features = self.norm(features)
         return self.linear_2(self.act(self.linear_1(features)))
@@ -182,5 +230,5 @@ class GridPositionEmbedding(nn.Module):
 def build_connector(cfg: ConnectorConfig, vision_dim: int, text_dim: int) -> MlpProjector | PerceiverResampler:
     """The connector named by ``cfg`` between widths ``vision_dim`` and ``text_dim``."""
     if cfg.type == "mlp":
-        return MlpProjector(vision_dim, text_dim, cfg.act, cfg.bias, cfg.input_norm)
+        return MlpProjector(vision_dim, text_dim, cfg.act, cfg.bias, cfg.input_norm, cfg.standardize)
     return PerceiverResampler(vision_dim, text_dim, cfg.num_queries, cfg.depth, cfg.heads, cfg.width)

@@ -103,6 +103,8 @@ class StageSection:
             mixture has ``mix_length`` items.
         language: ``"frozen"``, ``"full"`` or ``"lora"`` training of the language model.
         train_vision: also train the vision tower, at ``vision_lr_scale`` times the stage's lr.
+        connector_lr_scale: the connector (and the temporal/grid embeddings) learns at this multiple of the
+            stage's lr, as LLaVA-style recipes give the new projector a larger rate than the pretrained LM.
         resolution: progressive resolution schedule ``[[fraction_of_steps, size], ...]``.
         enabled: false skips the stage.
     """
@@ -114,6 +116,7 @@ class StageSection:
     train_connector: bool = True
     train_vision: bool = False
     vision_lr_scale: float = 1.0
+    connector_lr_scale: float = 1.0
     resolution: list[tuple[float, int]] = field(default_factory=list)
     enabled: bool = True
 
@@ -122,6 +125,11 @@ class StageSection:
             raise ConfigError("an enabled stage needs at least one data source (stageN.data)")
         if not (self.train_connector or self.train_vision or self.language != "frozen"):
             raise ConfigError("a stage must train something: connector, vision or language")
+        if self.vision_lr_scale <= 0 or self.connector_lr_scale <= 0:
+            raise ConfigError(
+                f"vision_lr_scale and connector_lr_scale must be > 0, got {self.vision_lr_scale}, "
+                f"{self.connector_lr_scale} (freeze a part with train_vision / train_connector instead)"
+            )
         for frac, size in self.resolution:
             if not 0.0 <= frac <= 1.0 or size <= 0:
                 raise ConfigError(f"resolution entries are [fraction in 0..1, size > 0], got {[frac, size]}")
@@ -229,26 +237,31 @@ def build_model(cfg: LlavaRecipeConfig, texts: list[str]) -> BridgeModel:
 
 
 class LlavaTask(Task):
-    """Next-token loss on assistant tokens; the vision tower may get a scaled learning rate."""
+    """Next-token loss on assistant tokens; the vision tower and the connector may get scaled learning rates."""
 
-    def __init__(self, model: BridgeModel, vision_lr_scale: float = 1.0, lr: float = 1e-3) -> None:
+    def __init__(
+        self, model: BridgeModel, vision_lr_scale: float = 1.0, lr: float = 1e-3, connector_lr_scale: float = 1.0
+    ) -> None:
         super().__init__(model)
-        self.vision_lr_scale, self.lr = vision_lr_scale, lr
+        self.vision_lr_scale, self.lr, self.connector_lr_scale = vision_lr_scale, lr, connector_lr_scale
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.model(**batch)
         return out.loss, {"label_tokens": float(out.n_label_tokens)}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        vision_ids = {id(p) for p in self.model.vision_tower.parameters()}
+        model = self.model
+        scale = {id(p): self.vision_lr_scale for p in model.vision_tower.parameters()}
+        connector = [model.connector, model.grid_position] if model.grid_position is not None else [model.connector]
+        scale.update({id(p): self.connector_lr_scale for m in connector for p in m.parameters()})
+        scale[id(model.temporal_embedding)] = self.connector_lr_scale
         groups = []
-        for g in default_param_groups(self.model, weight_decay):
-            rest = [p for p in g["params"] if id(p) not in vision_ids]
-            vis = [p for p in g["params"] if id(p) in vision_ids]
-            if rest:
-                groups.append({**g, "params": rest})
-            if vis:
-                groups.append({**g, "params": vis, "lr": self.lr * self.vision_lr_scale})
+        for g in default_param_groups(model, weight_decay):
+            by_scale: dict[float, list] = {}
+            for p in g["params"]:
+                by_scale.setdefault(scale.get(id(p), 1.0), []).append(p)
+            for s, params in by_scale.items():
+                groups.append({**g, "params": params} if s == 1.0 else {**g, "params": params, "lr": self.lr * s})
         return groups
 
 
@@ -309,6 +322,24 @@ def build_batches(cfg: LlavaRecipeConfig, stage: StageSection, proc: BridgeProce
     return batches
 
 
+def measure_connector_stats(model: BridgeModel, data: VlmBatches, n_samples: int = 512) -> None:
+    """``connector.standardize``: fix the connector's feature statistics on up to ``n_samples`` of the stage's
+    samples, once (the first stage that trains the connector); later stages and resumed runs keep them."""
+    connector = model.connector
+    if not getattr(connector, "standardize", False) or bool(connector.stats_measured):
+        return
+    picks = torch.linspace(0, len(data) - 1, min(n_samples, len(data))).long()
+    pixels = [data.batch(chunk)["pixel_values"] for chunk in picks.split(64)]
+    pixels = [p for p in pixels if p is not None]
+    if not pixels:
+        raise ConfigError(
+            "connector.standardize measures feature statistics on the first stage that trains the connector, "
+            "but its data has no images; give that stage an image source (e.g. {kind: captions})"
+        )
+    n = model.measure_feature_stats(torch.cat(pixels))
+    console.print(f"connector: feature statistics measured on {n} visual tokens")
+
+
 def stage_dir(out: Path, s: int) -> Path:
     return Path(out) / f"stage{s}"
 
@@ -335,7 +366,9 @@ def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) ->
     model = _initial_model(cfg, s, out)
     apply_stage(model, stage, cfg.lora)
     data = build_batches(cfg, stage, model.processor, out)
-    task = LlavaTask(model, stage.vision_lr_scale, stage.train.lr)
+    if stage.train_connector:
+        measure_connector_stats(model, data)
+    task = LlavaTask(model, stage.vision_lr_scale, stage.train.lr, stage.connector_lr_scale)
     trainer = LlavaTrainer(task, data, stage.train, run, run_config=run_config, resume=resume)
     prepare_s = time.perf_counter() - t0
     summary = trainer.fit()
