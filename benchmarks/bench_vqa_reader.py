@@ -92,6 +92,25 @@ def tower_cells(clip: Path, folder: Path, grid: int = 3) -> torch.Tensor:
 
 
 @torch.no_grad()
+def concept_cells(clip: Path, folder: Path, temperature: float = 0.1) -> torch.Tensor:
+    """(N, 9, P): each 3 x 3 cell's projected embedding scored against the text embeddings of every object
+    phrase of the world ("a small red circle", ..., "an empty cell"), softmax at ``temperature``: the tower's
+    zero-shot reading of each cell, a token in the oracle's one-hot-like format."""
+    from mmstack import load
+    from mmstack.eval.embed import embed_texts
+    from mmstack.train.clip_data import EMPTY_REGION
+    from mmstack.world.language import article
+    from mmstack.world.vocab import COLOUR_NAMES, SHAPES, SIZES
+
+    model = load(str(clip)).eval()
+    words = [f"{size} {colour} {shape}" for size in SIZES for colour in COLOUR_NAMES for shape in SHAPES]
+    phrases = embed_texts(model, [f"{article(w)} {w}" for w in words] + [EMPTY_REGION], desc="phrases")  # (P, E)
+    cells = tower_cells(clip, folder, 3)[:, 1:]  # (N, 9, D) post-norm cell tokens
+    embedded = torch.nn.functional.normalize(model.visual_projection(cells), dim=-1)  # (N, 9, E)
+    return (embedded @ phrases.T / temperature).softmax(-1)
+
+
+@torch.no_grad()
 def tower_tokens(clip: Path, folder: Path, layer: int, keep_cls: bool) -> torch.Tensor:
     """(N, T, D) hidden states of the two-tower checkpoint's image tower for the conversations' images."""
     from mmstack import load
@@ -220,6 +239,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "tower layer -1 + CLS": lambda d: tower_tokens(clip, d, -1, keep_cls=True),
         "tower layer -2 + CLS (bridge)": lambda d: tower_tokens(clip, d, -2, keep_cls=True),
         "tower cells 3x3 + CLS": lambda d: tower_cells(clip, d, 3),
+        "tower cell concepts 3x3": lambda d: concept_cells(clip, d),
     }
     if os.environ.get("MMSTACK_READER_SOURCES"):  # e.g. "cell probe,tower layer -2 (bridge)"
         sources = {k: sources[k] for k in os.environ["MMSTACK_READER_SOURCES"].split(",") if k in sources}
