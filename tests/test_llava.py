@@ -143,6 +143,27 @@ def test_mixture_repeat_factors_and_weights(world, tmp_path):
     assert len(data) == 40 and visual == 10  # 1 : 3
 
 
+def test_single_turn_conversation_samples(world, tmp_path):
+    import json
+
+    cfg = _cfg(world)
+    model = build_model(cfg, ["a red circle", "What colour?"])
+    stage = cfg.stage2
+    stage.data = [SourceSpec(kind="conversations", single_turns=True)]
+    data = build_batches(cfg, stage, model.processor, tmp_path)
+    convs = json.loads((world / "conversations.json").read_text())
+    assert len(data) == sum(len(c["conversations"]) // 2 for c in convs)  # one sample per question
+    batch = data.batch(torch.arange(8))
+    per_image = model.tokens_per_view(*batch["pixel_values"].shape[-2:])
+    assert batch["pixel_values"].shape[0] == 8
+    assert ((batch["input_ids"] == model.config.image_token_id).sum(1) == per_image).all()  # each row its image
+    eos = model.processor.tokenizer.eos_token_id
+    assert ((batch["labels"] == eos).sum(1) == 1).all()  # each row one answer
+    assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(ConfigError, match="single_turns splits conversations"):
+        SourceSpec(kind="captions", single_turns=True)
+
+
 def test_progressive_resolution_changes_pixels_and_tokens(world, tmp_path):
     cfg = _cfg(world)
     model = build_model(cfg, ["a red circle", "What colour?"])

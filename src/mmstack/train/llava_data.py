@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mmstack.errors import ConfigError, DataError
-from mmstack.processing.bridge_processor import IGNORE_INDEX, BridgeProcessor, TemplateIds
+from mmstack.processing.bridge_processor import IGNORE_INDEX, IMAGE_TOKEN, BridgeProcessor, TemplateIds
 from mmstack.processing.image import to_uint8
 
 DESCRIBE = (
@@ -48,12 +48,16 @@ class SourceSpec:
         path: data folder (or file) relative to the recipe's ``data.train``; empty = ``data.train`` itself.
         factor: repeat factor (stage ``mix_length`` 0) or weight (``mix_length`` > 0).
         limit: use at most this many records (0 = all).
+        single_turns: ``conversations`` only: one sample per question, its image placeholder in front, so a
+            batch of the same token budget shows more distinct images (a reader of the demo tokens needed
+            576k single (image, question) pairs to bind attributes to places; BENCHMARKS.md, session 13).
     """
 
     kind: SourceKind = "conversations"
     path: str = ""
     factor: float = 1.0
     limit: int = 0
+    single_turns: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("text", "captions", "conversations", "clips", "text_qa"):
@@ -62,6 +66,8 @@ class SourceSpec:
             )
         if self.factor < 0 or self.limit < 0:
             raise ConfigError("data source factor and limit must be >= 0")
+        if self.single_turns and self.kind != "conversations":
+            raise ConfigError(f"single_turns splits conversations; a {self.kind!r} source has none to split")
 
 
 @dataclass
@@ -117,6 +123,18 @@ def text_corpus(folder: Path, limit: int = 0) -> list[str]:
         texts += list(scene.get("captions") or [scene.get("caption", "")])
         texts += [f"{q['question']} {q['answer']}" for q in scene.get("questions", [])]
     return [t for t in texts if t]
+
+
+def single_turn_pairs(turns: Sequence[Any], has_image: bool) -> list[list[Any]]:
+    """Each (question, answer) pair of a conversation as a conversation of its own; with an image, every
+    question starts with the ``<image>`` placeholder (moved from wherever the first question had it)."""
+    from mmstack.data.conversations import Turn
+
+    out = []
+    for j in range(0, len(turns), 2):
+        question = turns[j].value.replace(IMAGE_TOKEN, "").strip()
+        out.append([Turn(turns[j].role, f"{IMAGE_TOKEN}\n{question}" if has_image else question), turns[j + 1]])
+    return out
 
 
 def lm_sample(proc: BridgeProcessor, text: str, name: str) -> Sample:
@@ -205,9 +223,11 @@ class FolderData:
         path = self.folder if self.folder.is_file() else self.folder / "conversations.json"
         out = []
         for conv in read_conversations(path)[: spec.limit or None]:
-            tpl = self.proc.encode_turns(conv.turns, name=f"{path} id {conv.id}")
             img = self._image(conv.image) if conv.image is not None else -1
-            out.append(Sample(tpl, image=img, name=str(conv.id)))
+            parts = single_turn_pairs(conv.turns, conv.image is not None) if spec.single_turns else [conv.turns]
+            for k, turns in enumerate(parts):
+                tpl = self.proc.encode_turns(turns, name=f"{path} id {conv.id}")
+                out.append(Sample(tpl, image=img, name=f"{conv.id}#{k}" if spec.single_turns else str(conv.id)))
         return out
 
     def visuals(self) -> Visuals:
