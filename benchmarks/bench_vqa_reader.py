@@ -18,11 +18,13 @@ colour, size, occupied) on the tower's 3 x 3 cell tokens, fitted to the ground t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,22 +69,36 @@ def oracle_tokens(folder: Path) -> torch.Tensor:
     return out
 
 
+@functools.cache
+def _two_tower(clip: Path) -> Any:
+    """The two-tower checkpoint, loaded once per run."""
+    from mmstack import load
+
+    return load(str(clip)).eval()
+
+
+def _image_batches(model: Any, folder: Path, size: int = 500) -> Iterator[torch.Tensor]:
+    """Pixels of the conversations' images, ``size`` at a time, in conversation order."""
+    from mmstack.data.images import load_image
+
+    convs = json.loads((folder / "conversations.json").read_text())
+    for start in range(0, len(convs), size):
+        yield model.processor.images([load_image(folder / c["image"]) for c in convs[start : start + size]])
+
+
+@functools.cache
 @torch.no_grad()
 def tower_cells(clip: Path, folder: Path, grid: int = 3) -> torch.Tensor:
     """(N, 1 + grid * grid, D): the tower's CLS and its post-norm last-layer patch tokens pooled by area to a
-    ``grid`` x ``grid`` grid (the region term's cell features before the projection)."""
-    from mmstack import load
-    from mmstack.data.images import load_image
+    ``grid`` x ``grid`` grid (the region term's cell features before the projection); computed once per run."""
     from mmstack.models.regions import box_weights
 
-    model = load(str(clip)).eval()
+    model = _two_tower(clip)
     tower = getattr(model.vision_model, "vision_model", model.vision_model)
-    convs = json.loads((folder / "conversations.json").read_text())
     edges = torch.linspace(0, 1, grid + 1)
     boxes = torch.tensor([[edges[c], edges[r], edges[c + 1], edges[r + 1]] for r in range(grid) for c in range(grid)])
     parts = []
-    for start in range(0, len(convs), 500):
-        pixels = model.processor.images([load_image(folder / c["image"]) for c in convs[start : start + 500]])
+    for pixels in _image_batches(model, folder):
         out = model.vision_model(pixel_values=pixels)
         patches = tower.post_layernorm(out.last_hidden_state[:, 1:])  # (B, T, D)
         side = int(patches.shape[1] ** 0.5)
@@ -96,13 +112,12 @@ def concept_cells(clip: Path, folder: Path, temperature: float = 0.1) -> torch.T
     """(N, 9, P): each 3 x 3 cell's projected embedding scored against the text embeddings of every object
     phrase of the world ("a small red circle", ..., "an empty cell"), softmax at ``temperature``: the tower's
     zero-shot reading of each cell, a token in the oracle's one-hot-like format."""
-    from mmstack import load
     from mmstack.eval.embed import embed_texts
     from mmstack.train.clip_data import EMPTY_REGION
     from mmstack.world.language import article
     from mmstack.world.vocab import COLOUR_NAMES, SHAPES, SIZES
 
-    model = load(str(clip)).eval()
+    model = _two_tower(clip)
     words = [f"{size} {colour} {shape}" for size in SIZES for colour in COLOUR_NAMES for shape in SHAPES]
     phrases = embed_texts(model, [f"{article(w)} {w}" for w in words] + [EMPTY_REGION], desc="phrases")  # (P, E)
     cells = tower_cells(clip, folder, 3)[:, 1:]  # (N, 9, D) post-norm cell tokens
@@ -113,14 +128,9 @@ def concept_cells(clip: Path, folder: Path, temperature: float = 0.1) -> torch.T
 @torch.no_grad()
 def tower_tokens(clip: Path, folder: Path, layer: int, keep_cls: bool) -> torch.Tensor:
     """(N, T, D) hidden states of the two-tower checkpoint's image tower for the conversations' images."""
-    from mmstack import load
-    from mmstack.data.images import load_image
-
-    model = load(str(clip)).eval()
-    convs = json.loads((folder / "conversations.json").read_text())
+    model = _two_tower(clip)
     parts = []
-    for start in range(0, len(convs), 500):
-        pixels = model.processor.images([load_image(folder / c["image"]) for c in convs[start : start + 500]])
+    for pixels in _image_batches(model, folder):
         hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
         parts.append(hidden if keep_cls else hidden[:, 1:])
     return torch.cat(parts)
@@ -241,10 +251,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "tower cells 3x3 + CLS": lambda d: tower_cells(clip, d, 3),
         "tower cell concepts 3x3": lambda d: concept_cells(clip, d),
     }
-    if os.environ.get("MMSTACK_READER_SOURCES"):  # e.g. "cell probe,tower layer -2 (bridge)"
-        sources = {k: sources[k] for k in os.environ["MMSTACK_READER_SOURCES"].split(",") if k in sources}
+    wanted = [k for k in os.environ.get("MMSTACK_READER_SOURCES", "").split(",") if k]  # e.g. "cell probe,oracle cells"
+    if wanted:
+        sources = {k: sources[k] for k in wanted if k in sources}
     out: dict[str, Any] = {"steps": steps, "batch": BATCH, "n_train_questions": len(rows["train"]), "clip": str(clip)}
-    if not os.environ.get("MMSTACK_READER_SOURCES") or "cell probe" in os.environ["MMSTACK_READER_SOURCES"]:
+    if not wanted or "cell probe" in wanted:
         cells = {split: tower_cells(clip, dirs[split], 3)[:, 1:] for split in ("train", "val")}  # CLS dropped
         out["cell probe"] = probe(cells["train"], cell_labels(dirs["train"]), cells["val"], cell_labels(dirs["val"]))
     for name, tokens in sources.items():
