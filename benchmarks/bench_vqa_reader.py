@@ -137,10 +137,29 @@ def tower_tokens(clip: Path, folder: Path, layer: int, keep_cls: bool) -> torch.
 
 
 class QuestionReader(nn.Module):
-    """A bidirectional transformer over projected visual tokens and question words; answers from the last slot."""
+    """A transformer over projected visual tokens and question words; answers from the last slot.
 
-    def __init__(self, token_dim: int, n_tokens: int, vocab: int, max_words: int, n_answers: int, width: int = 128):
+    ``order``: ``bidirectional`` (every position sees every other), ``image first`` (causal, the visual tokens
+    before the question, as a LLaVA-style decoder reads ``<image>\nquestion``) or ``question first`` (causal,
+    the question before the visual tokens, so they can attend to it).
+    """
+
+    ORDERS = ("bidirectional", "image first", "question first")
+
+    def __init__(
+        self,
+        token_dim: int,
+        n_tokens: int,
+        vocab: int,
+        max_words: int,
+        n_answers: int,
+        width: int = 128,
+        order: str = "bidirectional",
+    ):
         super().__init__()
+        if order not in self.ORDERS:
+            raise ValueError(f"reader order must be one of {self.ORDERS}, got {order!r}")
+        self.order = order
         self.project = nn.Sequential(nn.Linear(token_dim, width), nn.GELU(), nn.Linear(width, width))
         self.words = nn.Embedding(vocab + 2, width)  # 0 = padding, vocab + 1 = the answer slot
         self.position = nn.Parameter(torch.randn(n_tokens + max_words + 1, width) * 0.02)
@@ -150,8 +169,14 @@ class QuestionReader(nn.Module):
 
     def forward(self, tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         slot = self.words.weight[-1].expand(len(words), 1, -1)
-        x = torch.cat([self.project(tokens), self.words(words), slot], dim=1) + self.position  # (B, T + L + 1, W)
-        return self.head(self.encoder(x)[:, -1])  # (B, n_answers)
+        parts = [self.project(tokens), self.words(words)]
+        if self.order == "question first":
+            parts.reverse()
+        x = torch.cat([*parts, slot], dim=1) + self.position  # (B, T + L + 1, W)
+        mask = None
+        if self.order != "bidirectional":
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.encoder(x, mask=mask, is_causal=mask is not None)[:, -1])  # (B, n_answers)
 
 
 def cell_labels(folder: Path) -> torch.Tensor:
@@ -192,7 +217,14 @@ def probe(train: torch.Tensor, train_y: torch.Tensor, val: torch.Tensor, val_y: 
     return out
 
 
-def read(train: torch.Tensor, val: torch.Tensor, rows: dict[str, list], steps: int, seed: int = 0) -> dict[str, Any]:
+def read(
+    train: torch.Tensor,
+    val: torch.Tensor,
+    rows: dict[str, list],
+    steps: int,
+    seed: int = 0,
+    order: str = "bidirectional",
+) -> dict[str, Any]:
     """Train a ``QuestionReader`` on ``train`` tokens for ``steps`` and report val accuracy by kind."""
     torch.manual_seed(seed)
     every = rows["train"] + rows["val"]
@@ -209,7 +241,7 @@ def read(train: torch.Tensor, val: torch.Tensor, rows: dict[str, list], steps: i
     mean, std = train.mean((0, 1)), train.std((0, 1)).clamp_min(1e-3)
     train, val = (train - mean) / std, (val - mean) / std
     (img, words, target), (vimg, vwords, vtarget) = tensors(rows["train"]), tensors(rows["val"])
-    model = QuestionReader(train.shape[-1], train.shape[1], len(vocab), width, len(answers))
+    model = QuestionReader(train.shape[-1], train.shape[1], len(vocab), width, len(answers), order=order)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.05)
     t0 = time.perf_counter()
@@ -236,7 +268,8 @@ def read(train: torch.Tensor, val: torch.Tensor, rows: dict[str, list], steps: i
 
 def run(quick: bool = False) -> dict[str, Any]:
     """``MMSTACK_READER_CLIP=PATH`` reads another two-tower checkpoint's tower instead of the bench's demo CLIP;
-    ``MMSTACK_READER_SOURCES`` (comma-separated names) runs only those token sources."""
+    ``MMSTACK_READER_SOURCES`` (comma-separated names) runs only those token sources; ``MMSTACK_READER_ORDERS``
+    (comma-separated ``QuestionReader.ORDERS``) reads each source in those orders (default: bidirectional)."""
     dirs = _worlds(quick)
     clip = Path(os.environ["MMSTACK_READER_CLIP"]) if os.environ.get("MMSTACK_READER_CLIP") else None
     clip = clip or _clip(quick, dirs["train"])[0]
@@ -258,6 +291,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     if not wanted or "cell probe" in wanted:
         cells = {split: tower_cells(clip, dirs[split], 3)[:, 1:] for split in ("train", "val")}  # CLS dropped
         out["cell probe"] = probe(cells["train"], cell_labels(dirs["train"]), cells["val"], cell_labels(dirs["val"]))
+    orders = [o for o in os.environ.get("MMSTACK_READER_ORDERS", "bidirectional").split(",") if o]
     for name, tokens in sources.items():
-        out[name] = read(tokens(dirs["train"]), tokens(dirs["val"]), rows, steps)
+        train, val = tokens(dirs["train"]), tokens(dirs["val"])
+        for order in orders:
+            key = name if order == "bidirectional" else f"{name}, {order}"
+            out[key] = read(train, val, rows, steps, order=order)
     return out

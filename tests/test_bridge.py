@@ -54,20 +54,32 @@ def test_export_loads_in_transformers_and_generates_the_same(tmp_path):
     assert torch.equal(ours, theirs)
 
 
-def test_hf_chat_template_renders_like_the_processor(tmp_path):
+@pytest.mark.parametrize("placement", ["as_written", "after_text"])
+def test_hf_chat_template_renders_like_the_processor(tmp_path, placement):
     from transformers import AutoTokenizer
 
     model = tiny_model()
+    model.processor.config.image_placement = placement
     export_llava(model, tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    image, text = {"type": "image"}, {"type": "text", "text": "What colour is the star?"}
     messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]},
+        {"role": "user", "content": [image, text]},
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Is this "}, image, {"type": "text", "text": "a star?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
         {"role": "user", "content": "How many objects are there?"},
     ]
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    turns = [*qa("What colour is the star?", "red"), {"from": "human", "value": "How many objects are there?"}]
+    turns = [
+        *qa("What colour is the star?", "red"),
+        {"from": "human", "value": "Is this <image>\na star?"},
+        {"from": "gpt", "value": "yes"},
+        {"from": "human", "value": "How many objects are there?"},
+    ]
     assert rendered == model.processor.render(turns, add_generation_prompt=True)[0]
+    first_image, question = rendered.index("<image>"), rendered.index("What colour")
+    assert (first_image > question) == (placement == "after_text")
 
 
 def test_exported_hf_processor_gives_the_same_inputs(tmp_path):

@@ -69,6 +69,34 @@ def test_generation_prompt_ends_with_the_assistant_tag(model):
     assert _words(proc, batch["input_ids"][0][-2:]) == ["assistant", ":"]
 
 
+def test_image_placement_after_text_moves_the_visual_block_behind_the_question(model):
+    from dataclasses import replace
+
+    from mmstack.processing.bridge_processor import placeholders_after_text
+
+    assert placeholders_after_text("<image>\nWhat colour?") == "What colour?\n<image>"
+    assert placeholders_after_text("<image> <video>\nCompare them.") == "Compare them.\n<image>\n<video>"
+    rag = "[1] Exhibit 17. <image>\nQuestion: which exhibit?"
+    assert placeholders_after_text(rag) == rag  # placeholders inside the text stay beside their snippet
+    assert placeholders_after_text("<image>\n") == "<image>\n"  # nothing to move behind
+    assert placeholders_after_text("no visuals") == "no visuals"
+    after = BridgeProcessor(model.processor.tokenizer, replace(model.processor.config, image_placement="after_text"))
+    turns = qa("What colour is the star?", "red")
+    first, last = model.processor([turns], [solid("red")]), after([turns], [solid("red")])
+    image_id = after.image_token_id
+    for batch in (first, last):
+        assert int((batch["input_ids"][0] == image_id).sum()) == 17
+    answer = (last["labels"][0] != IGNORE_INDEX).nonzero().flatten()
+    image_pos = (last["input_ids"][0] == image_id).nonzero().flatten()
+    question = (first["input_ids"][0] == image_id).nonzero().flatten()
+    assert _words(after, [last["input_ids"][0][image_pos[0] - 1]]) == ["?"]  # the question, then the image
+    assert int(question[-1]) < int(answer[0]) and int(image_pos[-1]) < int(answer[0])
+    assert int(image_pos[0]) > int(question[0])  # moved later than where the text had it
+    assert _words(after, last["labels"][0][answer]) == ["red", "<|endoftext|>"]  # answers still labelled
+    with pytest.raises(ConfigError, match="image_placement must be"):
+        replace(model.processor.config, image_placement="middle")
+
+
 def test_template_that_splits_an_answer_token_fails():
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -160,6 +160,12 @@ def test_single_turn_conversation_samples(world, tmp_path):
     eos = model.processor.tokenizer.eos_token_id
     assert ((batch["labels"] == eos).sum(1) == 1).all()  # each row one answer
     assert torch.isfinite(model(**batch).loss)
+    stage.data.append(SourceSpec(kind="clips"))  # group_by_length reads each row's expanded length
+    data = build_batches(cfg, stage, model.processor, tmp_path)
+    lengths = data.lengths()
+    for i in range(len(data)):
+        assert lengths[i] == data.batch(torch.tensor([i]))["input_ids"].shape[1]
+    assert any(s.clip >= 0 for s, _ in data.samples) and len(set(lengths)) > 1
     with pytest.raises(ConfigError, match="single_turns splits conversations"):
         SourceSpec(kind="captions", single_turns=True)
 

@@ -163,6 +163,29 @@ def test_sampler_is_deterministic_and_sharded():
     assert torch.equal(torch.cat(ranks), s.indices(1))
 
 
+def test_length_grouped_sampler_makes_homogeneous_batches_of_a_full_permutation():
+    lengths = [40] * 180 + [200] * 20  # a few long rows (clips) among short ones
+    plain = StepSampler(200, 20, seed=3)
+    grouped = StepSampler(200, 20, seed=3, lengths=lengths)
+    epoch = [grouped.indices(i) for i in range(grouped.steps_per_epoch)]
+    assert sorted(torch.cat(epoch).tolist()) == list(range(200))  # still every item once per epoch
+    mixed = [len({lengths[i] for i in b.tolist()}) > 1 for b in epoch]
+    assert sum(mixed) <= 1  # sorted within the megabatch: at most the boundary batch mixes lengths
+    plain_mixed = sum(len({lengths[i] for i in plain.indices(k).tolist()}) > 1 for k in range(10))
+    assert plain_mixed > 5  # without grouping the long rows spread over most batches
+    assert torch.equal(StepSampler(200, 20, 3, lengths=lengths).indices(7), grouped.indices(7))  # resumable
+    assert not torch.equal(grouped.indices(0), grouped.indices(10))  # a new order each epoch
+    ranks = [StepSampler(200, 20, 3, DistInfo(r, 2), lengths).indices(1) for r in range(2)]
+    assert torch.equal(torch.cat(ranks), grouped.indices(1))
+    with pytest.raises(DataError, match="3 lengths for 200 items"):
+        StepSampler(200, 20, 3, lengths=[1, 2, 3])
+
+
+def test_group_by_length_needs_a_source_with_lengths(tmp_path):
+    with pytest.raises(ConfigError, match="ToyData has no lengths"):
+        make_trainer(tmp_path, group_by_length=True)
+
+
 def test_bad_train_configs_and_data():
     with pytest.raises(ConfigError, match=r"divisible by train\.accum_steps"):
         TrainConfig(batch_size=10, accum_steps=3)

@@ -20,20 +20,32 @@ from mmstack.errors import ModelError
 from mmstack.models.bridge import BridgeModel, _quiet_transformers, config_dict, vision_has_cls
 from mmstack.models.connectors import ConnectorConfig
 
-# The chat template of ``BridgeProcessor.render`` as Jinja, for HF ``apply_chat_template``.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+# The chat template of ``BridgeProcessor.render`` as Jinja, for HF ``apply_chat_template``; ``{user_parts}``
+# renders a user message's content list (images where they stand, or behind the text: ``image_placement``).
+_TEMPLATE = (
+    "{{% for message in messages %}}"
+    "{{% if message['role'] == 'system' %}}{{{{ message['content'] + ' ' }}}}"
+    "{{% elif message['role'] == 'user' %}}{{{{ 'USER: ' }}}}"
+    "{{% if message['content'] is string %}}{{{{ message['content'] }}}}{{% else %}}{user_parts}{{% endif %}}{{{{ ' ' }}}}"
+    "{{% else %}}{{{{ 'ASSISTANT: ' }}}}"
+    "{{% if message['content'] is string %}}{{{{ message['content'] }}}}{{% else %}}"
+    "{{% for c in message['content'] %}}{{% if c['type'] == 'text' %}}{{{{ c['text'] }}}}{{% endif %}}{{% endfor %}}{{% endif %}}"
+    "{{{{ eos_token }}}}{{% endif %}}{{% endfor %}}"
+    "{{% if add_generation_prompt %}}{{{{ 'ASSISTANT:' }}}}{{% endif %}}"
 )
+_PARTS_AS_WRITTEN = (
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+)
+_PARTS_AFTER_TEXT = (  # images before the first text part move behind the text (placeholders_after_text)
+    "{% set ns = namespace(lead=0, text=false) %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' and not ns.text %}{% set ns.lead = ns.lead + 1 %}"
+    "{% elif c['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif c['type'] == 'text' %}{% set ns.text = true %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for _ in range(ns.lead) %}{{ '\n<image>' if ns.text else '<image>\n' }}{% endfor %}"
+)
+CHAT_TEMPLATE = _TEMPLATE.format(user_parts=_PARTS_AS_WRITTEN)
+CHAT_TEMPLATE_IMAGES_AFTER_TEXT = _TEMPLATE.format(user_parts=_PARTS_AFTER_TEXT)
 
 
 def _decoder_prefix(lm: Any) -> str:
@@ -105,7 +117,8 @@ def export_llava(model: BridgeModel, path: str | Path) -> Path:
     proc = model.processor
     if proc is not None:
         tok = proc.tokenizer
-        tok.chat_template = CHAT_TEMPLATE
+        after = proc.config.image_placement == "after_text"
+        tok.chat_template = CHAT_TEMPLATE_IMAGES_AFTER_TEXT if after else CHAT_TEMPLATE
         tok.save_pretrained(str(path))
         size = int(model.vision_tower.config.image_size)
         image = proc.config.image.to_hf()

@@ -15,6 +15,7 @@ that image; truncation that would cut an image, or leave a sample with no assist
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ class BridgeProcessorConfig:
         video_frames: frames sampled from a clip.
         system_prompt: text before the first turn.
         max_length: longest training sequence after expansion.
+        image_placement: ``"as_written"`` keeps each placeholder where the text has it (LLaVA puts
+            ``<image>\n`` before the question); ``"after_text"`` moves the placeholders a user turn opens with
+            behind its text (``question\n<image>``), so in a causal LM the visual tokens can attend to the
+            question (``placeholders_after_text``; placeholders inside the text stay).
     """
 
     image: ImageProcessingConfig = field(
@@ -68,8 +73,13 @@ class BridgeProcessorConfig:
     video_pool: int = 1
     system_prompt: str = ""
     max_length: int = 512
+    image_placement: Literal["as_written", "after_text"] = "as_written"
 
     def __post_init__(self) -> None:
+        if self.image_placement not in ("as_written", "after_text"):
+            raise ConfigError(
+                f"processor.image_placement must be as_written or after_text, got {self.image_placement!r}"
+            )
         if self.image_mode not in ("fixed", "dynamic", "anyres"):
             raise ConfigError(f"image_mode must be fixed, dynamic or anyres, got {self.image_mode!r}")
         for name in ("patch_size", "video_frames", "video_pool", "max_length", "max_tiles", "min_image_tokens"):
@@ -182,6 +192,8 @@ class BridgeProcessor:
         spans = []
         for role, value in normalise_turns(turns):
             if role == "human":
+                if self.config.image_placement == "after_text":
+                    value = placeholders_after_text(value)
                 text += f"USER: {value} "
             else:
                 text += "ASSISTANT: "
@@ -371,6 +383,20 @@ class BridgeProcessor:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+_LEADING_PLACEHOLDERS = re.compile(rf"\s*((?:(?:{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})\s*)+)")
+
+
+def placeholders_after_text(value: str) -> str:
+    """``"<image>\nWhat colour?"`` -> ``"What colour?\n<image>"``: the placeholders a turn opens with move behind its
+    text; placeholders inside the text (interleaved documents, RAG prompts) stay where they are."""
+    lead = _LEADING_PLACEHOLDERS.match(value)
+    rest = value[lead.end() :] if lead else value
+    if not lead or not rest.strip():
+        return value
+    marks = re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}", lead.group(1))
+    return rest + "".join(f"\n{mark}" for mark in marks)
 
 
 def normalise_turns(turns: Sequence[Any]) -> list[tuple[str, str]]:

@@ -296,6 +296,16 @@ class VlmBatches:
             vid = [per_frame * frames] * sample.tpl.n_videos
             self.proc.expand(sample.tpl, img, vid, train=True, name=sample.name)
 
+    def lengths(self) -> list[int]:
+        """Each sample's expanded length at the processor's base size (``train.group_by_length``)."""
+        h, w = self.proc.config.image.size
+        per_image = self.proc.tokens_per_view(h, w)
+        per_clip = self.proc.tokens_per_frame(h, w) * self.proc.config.video_frames
+        return [
+            len(s.tpl.input_ids) + s.tpl.n_images * (per_image - 1) + s.tpl.n_videos * (per_clip - 1)
+            for s, _ in self.samples
+        ]
+
     def set_step(self, step: int) -> None:
         size = self.proc.config.image.size
         for fraction, s in self.schedule:

@@ -52,7 +52,8 @@ class TrainConfig:
     ``ddp`` (replicas, gradients averaged), ``fsdp`` (parameters, gradients and optimiser state sharded) or
     ``none``; a single process ignores it. ``attention``: the HF attention kernel while training: ``auto``
     (HF encoders go ``eager`` on a CPU, where ``sdpa``'s backward is slow; decoders keep theirs; see
-    ``mmstack.train.attention``), ``eager`` or ``sdpa``.
+    ``mmstack.train.attention``), ``eager`` or ``sdpa``. ``group_by_length``: batches of items of similar
+    length (the data source must have ``lengths()``; see ``mmstack.train.sampler``).
     """
 
     lr: float = 1e-3
@@ -72,6 +73,7 @@ class TrainConfig:
     threads: int = 0
     parallel: Literal["ddp", "fsdp", "none"] = "ddp"
     attention: AttentionChoice = "auto"
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -158,7 +160,7 @@ class Trainer:
         self.run_config = run_config if run_config is not None else {"train": to_dict(cfg)}
         self.dist = dist or init_distributed()
         self.resume, self.on_step_end = resume, on_step_end
-        self.sampler = StepSampler(len(data), cfg.batch_size, cfg.seed, self.dist)
+        self.sampler = StepSampler(len(data), cfg.batch_size, cfg.seed, self.dist, _lengths(data, cfg))
         task.precision = effective_precision(cfg.precision, task.device)  # bf16 only where it is native
         set_attention(task.model, cfg.attention)  # eager on CPU: see mmstack.train.attention
         # wrap before building the optimiser: FSDP replaces the parameters with sharded ones
@@ -338,6 +340,17 @@ class _ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
+
+
+def _lengths(data: BatchSource, cfg: TrainConfig) -> list[int] | None:
+    if not cfg.group_by_length:
+        return None
+    if not hasattr(data, "lengths"):
+        raise ConfigError(
+            f"train.group_by_length needs item lengths, and {type(data).__name__} has no lengths(); "
+            "set group_by_length: false for this recipe"
+        )
+    return list(data.lengths())
 
 
 def _gather_objects(obj: Any) -> list[Any]:
