@@ -20,18 +20,21 @@ from mmstack.errors import ModelError
 from mmstack.models.bridge import BridgeModel, _quiet_transformers, config_dict, vision_has_cls
 from mmstack.models.connectors import ConnectorConfig
 
-# The chat template of ``BridgeProcessor.render`` as Jinja, for HF ``apply_chat_template``; ``{user_parts}``
-# renders a user message's content list (images where they stand, or behind the text: ``image_placement``).
-_TEMPLATE = (
-    "{{% for message in messages %}}"
-    "{{% if message['role'] == 'system' %}}{{{{ message['content'] + ' ' }}}}"
-    "{{% elif message['role'] == 'user' %}}{{{{ 'USER: ' }}}}"
-    "{{% if message['content'] is string %}}{{{{ message['content'] }}}}{{% else %}}{user_parts}{{% endif %}}{{{{ ' ' }}}}"
-    "{{% else %}}{{{{ 'ASSISTANT: ' }}}}"
-    "{{% if message['content'] is string %}}{{{{ message['content'] }}}}{{% else %}}"
-    "{{% for c in message['content'] %}}{{% if c['type'] == 'text' %}}{{{{ c['text'] }}}}{{% endif %}}{{% endfor %}}{{% endif %}}"
-    "{{{{ eos_token }}}}{{% endif %}}{{% endfor %}}"
-    "{{% if add_generation_prompt %}}{{{{ 'ASSISTANT:' }}}}{{% endif %}}"
+# The chat template of ``BridgeProcessor.render`` as Jinja, for HF ``apply_chat_template``: a head, the parts of a
+# user message's content list (images where they stand, or behind the text: ``image_placement``), a tail.
+_TEMPLATE_HEAD = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+)
+_TEMPLATE_TAIL = (
+    "{% endif %}{{ ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 _PARTS_AS_WRITTEN = (
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
@@ -44,8 +47,8 @@ _PARTS_AFTER_TEXT = (  # images before the first text part move behind the text 
     "{% elif c['type'] == 'text' %}{% set ns.text = true %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% for _ in range(ns.lead) %}{{ '\n<image>' if ns.text else '<image>\n' }}{% endfor %}"
 )
-CHAT_TEMPLATE = _TEMPLATE.format(user_parts=_PARTS_AS_WRITTEN)
-CHAT_TEMPLATE_IMAGES_AFTER_TEXT = _TEMPLATE.format(user_parts=_PARTS_AFTER_TEXT)
+CHAT_TEMPLATE = _TEMPLATE_HEAD + _PARTS_AS_WRITTEN + _TEMPLATE_TAIL
+CHAT_TEMPLATE_IMAGES_AFTER_TEXT = _TEMPLATE_HEAD + _PARTS_AFTER_TEXT + _TEMPLATE_TAIL
 
 
 def _decoder_prefix(lm: Any) -> str:

@@ -385,7 +385,8 @@ class BridgeProcessor:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-_LEADING_PLACEHOLDERS = re.compile(rf"\s*((?:(?:{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})\s*)+)")
+_PLACEHOLDER = f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}"
+_LEADING_PLACEHOLDERS = re.compile(rf"\s*((?:(?:{_PLACEHOLDER})\s*)+)")
 
 
 def placeholders_after_text(value: str) -> str:
@@ -395,7 +396,7 @@ def placeholders_after_text(value: str) -> str:
     rest = value[lead.end() :] if lead else value
     if not lead or not rest.strip():
         return value
-    marks = re.findall(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}", lead.group(1))
+    marks = re.findall(_PLACEHOLDER, lead.group(1))
     return rest + "".join(f"\n{mark}" for mark in marks)
 
 

@@ -289,18 +289,20 @@ class VlmBatches:
         into an image or into nothing fails before training starts, not hours into it."""
         sizes = [s for _, s in self.schedule] + [self.proc.config.image.size[0]]
         side = max(sizes)
-        per_image, per_frame = self.proc.tokens_per_view(side, side), self.proc.tokens_per_frame(side, side)
-        frames = self.proc.config.video_frames
+        per_image, per_clip = self._visual_tokens(side, side)
         for sample, _ in samples:
             img = [per_image] * sample.tpl.n_images
-            vid = [per_frame * frames] * sample.tpl.n_videos
+            vid = [per_clip] * sample.tpl.n_videos
             self.proc.expand(sample.tpl, img, vid, train=True, name=sample.name)
+
+    def _visual_tokens(self, height: int, width: int) -> tuple[int, int]:
+        """Visual tokens of one image and of one clip at this size."""
+        per_clip = self.proc.tokens_per_frame(height, width) * self.proc.config.video_frames
+        return self.proc.tokens_per_view(height, width), per_clip
 
     def lengths(self) -> list[int]:
         """Each sample's expanded length at the processor's base size (``train.group_by_length``)."""
-        h, w = self.proc.config.image.size
-        per_image = self.proc.tokens_per_view(h, w)
-        per_clip = self.proc.tokens_per_frame(h, w) * self.proc.config.video_frames
+        per_image, per_clip = self._visual_tokens(*self.proc.config.image.size)
         return [
             len(s.tpl.input_ids) + s.tpl.n_images * (per_image - 1) + s.tpl.n_videos * (per_clip - 1)
             for s, _ in self.samples
