@@ -269,11 +269,12 @@ def read(
 def run(quick: bool = False) -> dict[str, Any]:
     """``MMSTACK_READER_CLIP=PATH`` reads another two-tower checkpoint's tower instead of the bench's demo CLIP;
     ``MMSTACK_READER_SOURCES`` (comma-separated names) runs only those token sources; ``MMSTACK_READER_ORDERS``
-    (comma-separated ``QuestionReader.ORDERS``) reads each source in those orders (default: bidirectional)."""
+    (comma-separated ``QuestionReader.ORDERS``) reads each source in those orders (default: bidirectional);
+    ``MMSTACK_READER_STEPS`` trains each reader for that many steps instead of 1,500."""
     dirs = _worlds(quick)
     clip = Path(os.environ["MMSTACK_READER_CLIP"]) if os.environ.get("MMSTACK_READER_CLIP") else None
     clip = clip or _clip(quick, dirs["train"])[0]
-    steps = QUICK_STEPS if quick else STEPS
+    steps = QUICK_STEPS if quick else int(os.environ.get("MMSTACK_READER_STEPS", STEPS))
     rows = {split: qa_rows(dirs[split]) for split in ("train", "val")}
     sources = {
         "oracle cells": lambda d: oracle_tokens(d),

@@ -294,3 +294,18 @@ def test_retrained_vision_checkpoint_invalidates_every_stage(world, tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"weights v2")  # same path, retrained weights
     after = [stage_run_config(cfg, s, tmp_path / "run") for s in (0, 1, 2)]
     assert all(a != b for a, b in zip(after, before, strict=True))
+
+
+def test_fresh_language_model_starts_at_unit_scale(world):
+    from mmstack.train.llava import stage_run_config
+
+    cfg = _cfg(world)
+    width = cfg.model.text.config["hidden_size"]
+    model = build_model(cfg, ["is there a red circle ? yes"])
+    assert model.language_model.config.initializer_range == pytest.approx(width**-0.5, rel=1e-4)
+    q_proj = next(w for n, w in model.language_model.named_parameters() if n.endswith("q_proj.weight"))
+    assert q_proj.std().item() == pytest.approx(width**-0.5, rel=0.15)  # not HF's 0.02
+    explicit = _cfg(world, "model.text.config.initializer_range=0.02")
+    assert build_model(explicit, ["a"]).language_model.config.initializer_range == 0.02
+    # the effective config is part of the stage key: a changed default retrains, it never reuses stale stages
+    assert stage_run_config(cfg, 0, Path("run")) != stage_run_config(explicit, 0, Path("run"))

@@ -59,7 +59,13 @@ class VisionSection:
 @dataclass
 class TextSection:
     """The language model: ``pretrained`` (an HF causal-LM folder; stage 0 is then skipped) or a fresh
-    one from ``config`` (an HF config dict; ``vocab_size`` comes from the world tokenizer)."""
+    one from ``config`` (an HF config dict; ``vocab_size`` comes from the world tokenizer).
+
+    A fresh LM's weights start at ``initializer_range`` = ``hidden_size ** -0.5`` unless ``config`` names
+    one: HF's default 0.02 is tuned for widths of 768 and more, and at the demo's 128 it leaves attention
+    near uniform for long (a Llama question reader of the demo tokens: 0.589 at 0.02, 0.726 at 1/sqrt(d)
+    after 1,500 steps; BENCHMARKS.md, session 15). The native decoder does the same (``NativeConfig.init_std``).
+    """
 
     pretrained: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -191,6 +197,13 @@ def load_vision(section: VisionSection) -> tuple[torch.nn.Module, dict[str, Any]
     return vision, {}
 
 
+def fresh_lm_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A fresh LM's HF config with the recipe's defaults filled in (see ``TextSection``)."""
+    if "initializer_range" in config or "hidden_size" not in config:
+        return dict(config)
+    return {**config, "initializer_range": round(int(config["hidden_size"]) ** -0.5, 6)}
+
+
 def build_model(cfg: LlavaRecipeConfig, texts: list[str]) -> BridgeModel:
     """A fresh bridge model: vision tower (pretrained or new), LM (pretrained or new), new connector,
     the world tokenizer (or the LM's own with the placeholders added), and its processor."""
@@ -214,7 +227,7 @@ def build_model(cfg: LlavaRecipeConfig, texts: list[str]) -> BridgeModel:
                 "bos_token_id": tok.bos_token_id,
                 "eos_token_id": tok.eos_token_id,
             }
-            lm = build_language_model({**ms.text.config, "vocab_size": len(tok), **specials})
+            lm = build_language_model({**fresh_lm_defaults(ms.text.config), "vocab_size": len(tok), **specials})
         model = BridgeModel.from_parts(
             vision,
             lm,
@@ -397,6 +410,8 @@ def stage_run_config(cfg: LlavaRecipeConfig, s: int, out: Path) -> dict[str, Any
     (so editing stage 2 reuses stages 0 and 1, and retraining stage 0 invalidates 1 and 2)."""
     full = to_dict(cfg)
     deps = {k: full[k] for k in ("model", "processor")}
+    if not cfg.model.text.pretrained:  # the effective config, so a changed default retrains the stages
+        deps["model"]["text"]["config"] = fresh_lm_defaults(cfg.model.text.config)
     deps["data"] = {"train": full["data"]["train"], "val": full["data"]["val"] if s == 2 else None}
     # Every stage's model carries the pretrained towers' weights: retraining them (a new demo CLIP) must
     # invalidate the stages even though their paths did not change.
