@@ -70,6 +70,11 @@ class TextSection:
     pretrained: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # filled in here, so the saved config, the model and every stage's cache key see the same value
+        if not self.pretrained and "hidden_size" in self.config and "initializer_range" not in self.config:
+            self.config = {**self.config, "initializer_range": round(int(self.config["hidden_size"]) ** -0.5, 6)}
+
 
 @dataclass
 class ModelSection:
@@ -197,13 +202,6 @@ def load_vision(section: VisionSection) -> tuple[torch.nn.Module, dict[str, Any]
     return vision, {}
 
 
-def fresh_lm_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A fresh LM's HF config with the recipe's defaults filled in (see ``TextSection``)."""
-    if "initializer_range" in config or "hidden_size" not in config:
-        return dict(config)
-    return {**config, "initializer_range": round(int(config["hidden_size"]) ** -0.5, 6)}
-
-
 def build_model(cfg: LlavaRecipeConfig, texts: list[str]) -> BridgeModel:
     """A fresh bridge model: vision tower (pretrained or new), LM (pretrained or new), new connector,
     the world tokenizer (or the LM's own with the placeholders added), and its processor."""
@@ -227,7 +225,7 @@ def build_model(cfg: LlavaRecipeConfig, texts: list[str]) -> BridgeModel:
                 "bos_token_id": tok.bos_token_id,
                 "eos_token_id": tok.eos_token_id,
             }
-            lm = build_language_model({**fresh_lm_defaults(ms.text.config), "vocab_size": len(tok), **specials})
+            lm = build_language_model({**ms.text.config, "vocab_size": len(tok), **specials})
         model = BridgeModel.from_parts(
             vision,
             lm,
@@ -410,8 +408,6 @@ def stage_run_config(cfg: LlavaRecipeConfig, s: int, out: Path) -> dict[str, Any
     (so editing stage 2 reuses stages 0 and 1, and retraining stage 0 invalidates 1 and 2)."""
     full = to_dict(cfg)
     deps = {k: full[k] for k in ("model", "processor")}
-    if not cfg.model.text.pretrained:  # the effective config, so a changed default retrains the stages
-        deps["model"]["text"]["config"] = fresh_lm_defaults(cfg.model.text.config)
     deps["data"] = {"train": full["data"]["train"], "val": full["data"]["val"] if s == 2 else None}
     # Every stage's model carries the pretrained towers' weights: retraining them (a new demo CLIP) must
     # invalidate the stages even though their paths did not change.
