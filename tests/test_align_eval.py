@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from _align_helpers import micro_world_and_vlm
-from mmstack.eval.alignment import HallucinationItem, hallucination_items, mentions, score_hallucinations
+from mmstack.eval.alignment import (
+    HallucinationItem,
+    claimed_objects,
+    coloured_shapes,
+    hallucination_items,
+    mentions,
+    score_hallucinations,
+)
 from mmstack.models.bridge import BridgeModel
 from mmstack.train.align.data import PreferenceBatches, PromptBatches, load_preferences
 
@@ -26,19 +33,36 @@ def test_mentions_reads_shapes_plurals_and_colours():
 
 
 def test_hallucination_scoring_against_ground_truth(tmp_path):
-    scene = {"shapes": {"circle", "star"}, "colours": {"red", "blue"}}
+    scene = {"shapes": {"circle", "star"}, "colours": {"red", "blue"}, "objects": {("red", "circle"), ("blue", "star")}}
     items = [
         HallucinationItem("Describe the image.", tmp_path, "describe", **scene),
         HallucinationItem("What colour is the star?", tmp_path, "colour", **scene),
         HallucinationItem("What shape is the red object?", tmp_path, "shape", **scene),
         HallucinationItem("What colour is the circle?", tmp_path, "colour", **scene),
+        HallucinationItem("What is left of the circle?", tmp_path, "relation", **scene),
     ]
-    answers = ["a red circle and a green heart", "blue", "square", "red"]
+    # green heart: absent words and object | blue (star) | square: absent word, (red square) absent object |
+    # red (circle) | red star: both words present, the object absent (a binding error)
+    answers = ["a red circle and a green heart", "blue", "square", "red", "red star"]
     res = score_hallucinations(items, answers)
-    assert res["rate"] == 0.5 and res["n"] == 4  # the description (green, heart) and "square"
-    assert res["mention_rate"] == pytest.approx(3 / 7)  # red circle green heart | blue | square | red
+    assert res["rate"] == pytest.approx(3 / 5) and res["n"] == 5
+    assert res["word_rate"] == pytest.approx(2 / 5) and res["object_rate"] == pytest.approx(3 / 5)
+    # named 15: red circle green heart + 2 objects | blue + (blue star) | square + (red square) | red + (red circle)
+    # | red star + (red star); absent 6: green heart (green heart) | square (red square) | (red star)
+    assert res["mention_rate"] == pytest.approx(6 / 15)
     assert res["by_kind"]["colour"] == {"rate": 0.0, "n": 2} and res["by_kind"]["shape"]["rate"] == 1.0
-    assert res["examples"][0]["absent"] == ["heart", "green"]
+    assert res["by_kind"]["relation"]["rate"] == 1.0
+    assert res["examples"][0]["absent"] == ["heart", "green", "green heart"]
+
+
+def test_claimed_objects_read_the_answer_and_its_question():
+    assert coloured_shapes("a large red star and two blue crosses; red") == {("red", "star"), ("blue", "cross")}
+    assert claimed_objects("What colour is the cross at the top left?", "pink") == {("pink", "cross")}
+    assert claimed_objects("What shape is the large pink object?", "crosses") == {("pink", "cross")}
+    # the question names no single object, or the answer names its own: nothing is implied
+    assert claimed_objects("What colour is the large object?", "pink") == set()
+    assert claimed_objects("What is right of the red star?", "blue cross") == {("blue", "cross")}
+    assert claimed_objects("How many objects are there?", "3") == set()
 
 
 def test_hallucination_items_ask_only_what_names_things(micro):
@@ -51,6 +75,9 @@ def test_hallucination_items_ask_only_what_names_things(micro):
             assert any(mentions(it.answers[0]))  # e.g. colour/shape/relation answers, never yes/no or counts
     first = scenes[0]
     assert items[0].shapes == {o["shape"] for o in first["objects"]} and not items[0].absent(first["caption"])
+    assert items[0].objects == {(o["colour"], o["shape"]) for o in first["objects"]}
+    for it in items:  # the reference answers never hallucinate, not even through their question
+        assert not it.absent(it.answers[0]), (it.question, it.answers[0])
 
 
 def test_cli_hallucination_reports_rate_and_vqa(micro, run_cli):

@@ -74,7 +74,10 @@ def _render_reward(result: dict[str, Any]) -> None:
 
 def _render_hallucination(result: dict[str, Any]) -> None:
     h = result["hallucination"]
-    head = {"model": result["model"], **{k: h[k] for k in ("data", "rate", "mention_rate", "n")}}
+    head = {
+        "model": result["model"],
+        **{k: h[k] for k in ("data", "rate", "word_rate", "object_rate", "mention_rate", "n")},
+    }
     print_kv(head, title="hallucination")
     print_rows([{"kind": k, **v} for k, v in h["by_kind"].items()], title="by prompt kind")
     print_rows(h["examples"], title="examples")

@@ -3,10 +3,14 @@
 - ``pairwise_accuracy``: share of held-out preference pairs whose chosen answer the reward model scores
   above the rejected one, overall and by rejection kind.
 - ``evaluate_hallucination``: the model describes each scene of a world folder and answers its questions
-  whose reference answer names a shape or a colour; an answer *hallucinates* when it names a shape or a
-  colour that no object of the scene has (checked against ``scenes.jsonl``, the ground truth). Reported:
-  the share of answers that hallucinate (``rate``; CHAIR_s of Rohrbach et al. 2018), the share of
-  named shapes/colours that are absent (``mention_rate``; CHAIR_i), by prompt kind, with examples.
+  whose reference answer names a shape or a colour; an answer *hallucinates* when it names an object the
+  scene does not have (checked against ``scenes.jsonl``, the ground truth): a shape or a colour that no
+  object has, or a coloured shape that is not there ("a pink square" beside an orange square and a pink
+  diamond). The object can be implied by the question: "pink" for "What colour is the cross?" claims a pink
+  cross. Reported: the share of answers that hallucinate (``rate``; CHAIR_s of Rohrbach et al. 2018, with
+  objects as the world defines them), its two parts (``word_rate``: absent shapes/colours, the metric of
+  sessions 1-15; ``object_rate``: absent coloured shapes), the share of named shapes, colours and coloured
+  shapes that are absent (``mention_rate``; CHAIR_i), by prompt kind, with examples.
 - ``evaluate_alignment``: both of the above plus VQA accuracy (``mmstack.eval.vqa``), for before/after
   tables; ``compare`` gives the changes.
 """
@@ -18,6 +22,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +90,26 @@ def mentions(text: str) -> tuple[set[str], set[str]]:
     }
 
 
+def coloured_shapes(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) objects a text names: a colour word right before a shape word, as the world
+    writes them (``"a large red star and two blue crosses"`` -> {("red", "star"), ("blue", "cross")})."""
+    words = _WORD.findall(text.lower())
+    return {(_COLOUR_WORDS[a], _SHAPE_WORDS[b]) for a, b in pairwise(words) if a in _COLOUR_WORDS and b in _SHAPE_WORDS}
+
+
+def claimed_objects(question: str, answer: str) -> set[tuple[str, str]]:
+    """The coloured shapes an answer claims, also through its question: "pink" to "What colour is the
+    cross?" claims a pink cross, "cross" to "What shape is the pink object?" too."""
+    objects = coloured_shapes(answer)
+    shapes, colours = mentions(answer)
+    q_shapes, q_colours = mentions(question)
+    if colours and not shapes and len(q_shapes) == 1 and not q_colours:
+        objects |= {(c, next(iter(q_shapes))) for c in colours}
+    if shapes and not colours and len(q_colours) == 1 and not q_shapes:
+        objects |= {(next(iter(q_colours)), s) for s in shapes}
+    return objects
+
+
 @dataclass
 class HallucinationItem:
     """A prompt about a scene and what the scene contains (its shapes and colours)."""
@@ -96,15 +121,24 @@ class HallucinationItem:
     colours: set[str]
     answers: list[str] = field(default_factory=list)
     id: str = ""
+    objects: set[tuple[str, str]] = field(default_factory=set)  # (colour, shape) of each object
 
-    def absent(self, answer: str) -> list[str]:
-        """The shapes and colours ``answer`` names that the scene does not have."""
+    def absent_words(self, answer: str) -> list[str]:
+        """The shapes and colours ``answer`` names that no object of the scene has."""
         shapes, colours = mentions(answer)
         return sorted(shapes - self.shapes) + sorted(colours - self.colours)
 
+    def absent_objects(self, answer: str) -> list[str]:
+        """The coloured shapes ``answer`` claims (see ``claimed_objects``) that the scene does not have."""
+        return [f"{c} {s}" for c, s in sorted(claimed_objects(self.question, answer) - self.objects)]
+
+    def absent(self, answer: str) -> list[str]:
+        """Everything ``answer`` names that the scene does not have: words, then objects."""
+        return self.absent_words(answer) + self.absent_objects(answer)
+
     def named(self, answer: str) -> int:
         shapes, colours = mentions(answer)
-        return len(shapes) + len(colours)
+        return len(shapes) + len(colours) + len(claimed_objects(self.question, answer))
 
 
 def hallucination_items(folder: str | Path, limit: int | None = None, describe: bool = True) -> list[HallucinationItem]:
@@ -118,18 +152,14 @@ def hallucination_items(folder: str | Path, limit: int | None = None, describe: 
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     for line in lines[:limit]:
         scene = json.loads(line)
-        shapes = {o["shape"] for o in scene["objects"]}
-        colours = {o["colour"] for o in scene["objects"]}
+        objects = {(o["colour"], o["shape"]) for o in scene["objects"]}
+        shapes, colours = {s for _, s in objects}, {c for c, _ in objects}
         image = Path(folder) / scene["image"]
-        if describe:
-            items.append(
-                HallucinationItem(DESCRIBE_PROMPT, image, "describe", shapes, colours, [scene["caption"]], scene["id"])
-            )
-        for q in scene.get("questions", []):
-            if any(mentions(str(q["answer"]))):
-                items.append(
-                    HallucinationItem(q["question"], image, q["kind"], shapes, colours, [str(q["answer"])], scene["id"])
-                )
+        prompts = [(DESCRIBE_PROMPT, "describe", scene["caption"])] if describe else []
+        prompts += [(q["question"], q["kind"], str(q["answer"])) for q in scene.get("questions", [])]
+        for question, kind, answer in prompts:
+            if kind == "describe" or any(mentions(answer)):
+                items.append(HallucinationItem(question, image, kind, shapes, colours, [answer], scene["id"], objects))
     if not items:
         raise DataError(f"{path} has no scenes to ask about")
     return items
@@ -152,19 +182,22 @@ def score_hallucinations(
     items: Sequence[HallucinationItem], answers: Sequence[str], n_examples: int = 6
 ) -> dict[str, Any]:
     """Hallucination rates (answers and mentions), by kind, with a few hallucinating examples."""
-    hits = [bool(it.absent(a)) for it, a in zip(items, answers, strict=True)]
-    named = sum(it.named(a) for it, a in zip(items, answers, strict=True))
-    absent = sum(len(it.absent(a)) for it, a in zip(items, answers, strict=True))
+    pairs = list(zip(items, answers, strict=True))
+    hits = [bool(it.absent(a)) for it, a in pairs]
+    named = sum(it.named(a) for it, a in pairs)
+    absent = sum(len(it.absent(a)) for it, a in pairs)
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for it, h in zip(items, hits, strict=True):
         by_kind[it.kind].append(h)
     examples = [
         {"id": it.id, "question": it.question, "answer": a, "absent": it.absent(a)}
-        for it, a, h in zip(items, answers, hits, strict=True)
+        for (it, a), h in zip(pairs, hits, strict=True)
         if h
     ][:n_examples]
     return {
         "rate": sum(hits) / len(hits),
+        "word_rate": sum(bool(it.absent_words(a)) for it, a in pairs) / len(hits),
+        "object_rate": sum(bool(it.absent_objects(a)) for it, a in pairs) / len(hits),
         "n": len(hits),
         "mention_rate": absent / named if named else 0.0,
         "mentions": named,
