@@ -166,7 +166,14 @@ def test_single_turn_conversation_samples(world, tmp_path):
     for i in range(len(data)):
         assert lengths[i] == data.batch(torch.tensor([i]))["input_ids"].shape[1]
     assert any(s.clip >= 0 for s, _ in data.samples) and len(set(lengths)) > 1
-    with pytest.raises(ConfigError, match="single_turns splits conversations"):
+    clips = [json.loads(line) for line in (world / "clips.jsonl").read_text().splitlines() if line.strip()]
+    stage.data = [SourceSpec(kind="clips", single_turns=True)]
+    data = build_batches(cfg, stage, model.processor, tmp_path)
+    assert len(data) == sum(len(c["questions"]) for c in clips)  # one sample per clip question
+    batch = data.batch(torch.arange(len(clips[0]["questions"])))
+    assert ((batch["labels"] == eos).sum(1) == 1).all()  # each row one answer, each with the whole clip
+    assert len(batch["video_values"]) == len(clips[0]["questions"]) and batch["pixel_values"] is None
+    with pytest.raises(ConfigError, match="single_turns splits conversations and clips"):
         SourceSpec(kind="captions", single_turns=True)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mmstack.errors import ConfigError, DataError
-from mmstack.processing.bridge_processor import IGNORE_INDEX, IMAGE_TOKEN, BridgeProcessor, TemplateIds
+from mmstack.processing.bridge_processor import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, BridgeProcessor, TemplateIds
 from mmstack.processing.image import to_uint8
 
 DESCRIBE = (
@@ -48,9 +48,10 @@ class SourceSpec:
         path: data folder (or file) relative to the recipe's ``data.train``; empty = ``data.train`` itself.
         factor: repeat factor (stage ``mix_length`` 0) or weight (``mix_length`` > 0).
         limit: use at most this many records (0 = all).
-        single_turns: ``conversations`` only: one sample per question, its image placeholder in front, so a
-            batch of the same token budget shows more distinct images (a reader of the demo tokens needed
-            576k single (image, question) pairs to bind attributes to places; BENCHMARKS.md, session 13).
+        single_turns: ``conversations`` and ``clips``: one sample per question, each with its image (or
+            video) placeholder, so every question is asked the way evaluation and chat ask it (first, and
+            with ``processor.image_placement: after_text`` before the visual tokens; BENCHMARKS.md, session 16)
+            and a batch of the same token budget shows more distinct images.
     """
 
     kind: SourceKind = "conversations"
@@ -66,8 +67,10 @@ class SourceSpec:
             )
         if self.factor < 0 or self.limit < 0:
             raise ConfigError("data source factor and limit must be >= 0")
-        if self.single_turns and self.kind != "conversations":
-            raise ConfigError(f"single_turns splits conversations; a {self.kind!r} source has none to split")
+        if self.single_turns and self.kind not in ("conversations", "clips"):
+            raise ConfigError(
+                f"single_turns splits conversations and clips' questions; a {self.kind!r} source has none to split"
+            )
 
 
 @dataclass
@@ -105,15 +108,19 @@ def read_clips(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def clip_turns(record: dict[str, Any]) -> list[dict[str, str]]:
-    """A clip's questions as a conversation, ``<video>`` in the first human turn."""
-    turns = []
-    for j, q in enumerate(record.get("questions", [])):
-        prefix = "<video>\n" if j == 0 else ""
-        turns += [{"from": "human", "value": prefix + q["question"]}, {"from": "gpt", "value": str(q["answer"])}]
-    if not turns:
+def clip_turns(record: dict[str, Any], single_turns: bool = False) -> list[list[dict[str, str]]]:
+    """A clip's questions as one conversation (``<video>`` in the first human turn), or with
+    ``single_turns`` as one conversation per question, each opening with ``<video>``."""
+    pairs = [
+        [{"from": "human", "value": q["question"]}, {"from": "gpt", "value": str(q["answer"])}]
+        for q in record.get("questions", [])
+    ]
+    if not pairs:
         raise DataError(f"clip {record.get('id')!r} has no questions")
-    return turns
+    for j, (question, _) in enumerate(pairs):
+        if j == 0 or single_turns:
+            question["value"] = f"{VIDEO_TOKEN}\n{question['value']}"
+    return pairs if single_turns else [[turn for pair in pairs for turn in pair]]
 
 
 def text_corpus(folder: Path, limit: int = 0) -> list[str]:
@@ -212,8 +219,15 @@ class FolderData:
             return self._conversation_samples(spec)
         out = []
         for record in read_clips(folder)[: spec.limit or None]:
-            tpl = proc.encode_turns(clip_turns(record), name=f"{folder}/clips/{record['id']}")
-            out.append(Sample(tpl, clip=len(self.clip_records), name=f"clip {record['id']}"))
+            for k, turns in enumerate(clip_turns(record, spec.single_turns)):
+                tpl = proc.encode_turns(turns, name=f"{folder}/clips/{record['id']}")
+                out.append(
+                    Sample(
+                        tpl,
+                        clip=len(self.clip_records),
+                        name=f"clip {record['id']}" + (f"#{k}" if spec.single_turns else ""),
+                    )
+                )
             self.clip_records.append(record)
         return out
 
