@@ -33,7 +33,7 @@ def test_mentions_reads_shapes_plurals_and_colours():
 
 
 def test_hallucination_scoring_against_ground_truth(tmp_path):
-    scene = {"shapes": {"circle", "star"}, "colours": {"red", "blue"}, "objects": {("red", "circle"), ("blue", "star")}}
+    scene = {"objects": {("red", "circle"), ("blue", "star")}}
     items = [
         HallucinationItem("Describe the image.", tmp_path, "describe", **scene),
         HallucinationItem("What colour is the star?", tmp_path, "colour", **scene),

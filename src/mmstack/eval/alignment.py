@@ -112,16 +112,22 @@ def claimed_objects(question: str, answer: str) -> set[tuple[str, str]]:
 
 @dataclass
 class HallucinationItem:
-    """A prompt about a scene and what the scene contains (its shapes and colours)."""
+    """A prompt about a scene and what the scene contains: its objects as (colour, shape) pairs."""
 
     question: str
     image: Path
     kind: str
-    shapes: set[str]
-    colours: set[str]
+    objects: set[tuple[str, str]]
     answers: list[str] = field(default_factory=list)
     id: str = ""
-    objects: set[tuple[str, str]] = field(default_factory=set)  # (colour, shape) of each object
+
+    @property
+    def shapes(self) -> set[str]:
+        return {s for _, s in self.objects}
+
+    @property
+    def colours(self) -> set[str]:
+        return {c for c, _ in self.objects}
 
     def absent_words(self, answer: str) -> list[str]:
         """The shapes and colours ``answer`` names that no object of the scene has."""
@@ -153,13 +159,12 @@ def hallucination_items(folder: str | Path, limit: int | None = None, describe: 
     for line in lines[:limit]:
         scene = json.loads(line)
         objects = {(o["colour"], o["shape"]) for o in scene["objects"]}
-        shapes, colours = {s for _, s in objects}, {c for c, _ in objects}
         image = Path(folder) / scene["image"]
         prompts = [(DESCRIBE_PROMPT, "describe", scene["caption"])] if describe else []
         prompts += [(q["question"], q["kind"], str(q["answer"])) for q in scene.get("questions", [])]
         for question, kind, answer in prompts:
             if kind == "describe" or any(mentions(answer)):
-                items.append(HallucinationItem(question, image, kind, shapes, colours, [answer], scene["id"], objects))
+                items.append(HallucinationItem(question, image, kind, objects, [answer], scene["id"]))
     if not items:
         raise DataError(f"{path} has no scenes to ask about")
     return items
