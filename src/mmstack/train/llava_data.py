@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from mmstack.errors import ConfigError, DataError
-from mmstack.processing.bridge_processor import IGNORE_INDEX, IMAGE_TOKEN, VIDEO_TOKEN, BridgeProcessor, TemplateIds
+from mmstack.processing.bridge_processor import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    BridgeProcessor,
+    TemplateIds,
+    normalise_turns,
+)
 from mmstack.processing.image import to_uint8
 
 DESCRIBE = (
@@ -108,19 +115,15 @@ def read_clips(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def clip_turns(record: dict[str, Any], single_turns: bool = False) -> list[list[dict[str, str]]]:
-    """A clip's questions as one conversation (``<video>`` in the first human turn), or with
-    ``single_turns`` as one conversation per question, each opening with ``<video>``."""
-    pairs = [
-        [{"from": "human", "value": q["question"]}, {"from": "gpt", "value": str(q["answer"])}]
-        for q in record.get("questions", [])
-    ]
-    if not pairs:
+def clip_turns(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A clip's questions as a conversation, ``<video>`` in the first human turn."""
+    turns = []
+    for j, q in enumerate(record.get("questions", [])):
+        prefix = f"{VIDEO_TOKEN}\n" if j == 0 else ""
+        turns += [{"from": "human", "value": prefix + q["question"]}, {"from": "gpt", "value": str(q["answer"])}]
+    if not turns:
         raise DataError(f"clip {record.get('id')!r} has no questions")
-    for j, (question, _) in enumerate(pairs):
-        if j == 0 or single_turns:
-            question["value"] = f"{VIDEO_TOKEN}\n{question['value']}"
-    return pairs if single_turns else [[turn for pair in pairs for turn in pair]]
+    return turns
 
 
 def text_corpus(folder: Path, limit: int = 0) -> list[str]:
@@ -132,15 +135,17 @@ def text_corpus(folder: Path, limit: int = 0) -> list[str]:
     return [t for t in texts if t]
 
 
-def single_turn_pairs(turns: Sequence[Any], has_image: bool) -> list[list[Any]]:
-    """Each (question, answer) pair of a conversation as a conversation of its own; with an image, every
-    question starts with the ``<image>`` placeholder (moved from wherever the first question had it)."""
+def single_turn_pairs(turns: Sequence[Any], placeholder: str | None) -> list[list[Any]]:
+    """Each (question, answer) pair of a conversation as a conversation of its own; with a ``placeholder``
+    (``<image>`` or ``<video>``), every question starts with it (moved from wherever the first question had it)."""
     from mmstack.data.conversations import Turn
 
+    pairs = normalise_turns(turns)
     out = []
-    for j in range(0, len(turns), 2):
-        question = turns[j].value.replace(IMAGE_TOKEN, "").strip()
-        out.append([Turn(turns[j].role, f"{IMAGE_TOKEN}\n{question}" if has_image else question), turns[j + 1]])
+    for j in range(0, len(pairs), 2):
+        question = (pairs[j][1].replace(placeholder, "") if placeholder else pairs[j][1]).strip()
+        text = f"{placeholder}\n{question}" if placeholder else question
+        out.append([Turn(pairs[j][0], text), Turn(*pairs[j + 1])])
     return out
 
 
@@ -219,15 +224,11 @@ class FolderData:
             return self._conversation_samples(spec)
         out = []
         for record in read_clips(folder)[: spec.limit or None]:
-            for k, turns in enumerate(clip_turns(record, spec.single_turns)):
-                tpl = proc.encode_turns(turns, name=f"{folder}/clips/{record['id']}")
-                out.append(
-                    Sample(
-                        tpl,
-                        clip=len(self.clip_records),
-                        name=f"clip {record['id']}" + (f"#{k}" if spec.single_turns else ""),
-                    )
-                )
+            turns = clip_turns(record)
+            for k, part in enumerate(single_turn_pairs(turns, VIDEO_TOKEN) if spec.single_turns else [turns]):
+                tpl = proc.encode_turns(part, name=f"{folder}/clips/{record['id']}")
+                name = f"clip {record['id']}#{k}" if spec.single_turns else f"clip {record['id']}"
+                out.append(Sample(tpl, clip=len(self.clip_records), name=name))
             self.clip_records.append(record)
         return out
 
@@ -238,7 +239,11 @@ class FolderData:
         out = []
         for conv in read_conversations(path)[: spec.limit or None]:
             img = self._image(conv.image) if conv.image is not None else -1
-            parts = single_turn_pairs(conv.turns, conv.image is not None) if spec.single_turns else [conv.turns]
+            parts = (
+                single_turn_pairs(conv.turns, IMAGE_TOKEN if conv.image is not None else None)
+                if spec.single_turns
+                else [conv.turns]
+            )
             for k, turns in enumerate(parts):
                 tpl = self.proc.encode_turns(turns, name=f"{path} id {conv.id}")
                 out.append(Sample(tpl, image=img, name=f"{conv.id}#{k}" if spec.single_turns else str(conv.id)))
