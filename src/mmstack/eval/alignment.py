@@ -147,8 +147,11 @@ class HallucinationItem:
         return len(shapes) + len(colours) + len(claimed_objects(self.question, answer))
 
 
-def hallucination_items(folder: str | Path, limit: int | None = None, describe: bool = True) -> list[HallucinationItem]:
-    """Per scene of ``folder/scenes.jsonl``: a describe prompt, and each question whose answer names things."""
+def hallucination_items(
+    folder: str | Path, limit: int | None = None, describe: bool = True, named_only: bool = True
+) -> list[HallucinationItem]:
+    """Per scene of ``folder/scenes.jsonl``: a describe prompt, and each question whose answer names things
+    (every question with ``named_only=False``)."""
     path = Path(folder) / "scenes.jsonl"
     if not path.is_file():
         raise DataError(
@@ -163,7 +166,7 @@ def hallucination_items(folder: str | Path, limit: int | None = None, describe: 
         prompts = [(DESCRIBE_PROMPT, "describe", scene["caption"])] if describe else []
         prompts += [(q["question"], q["kind"], str(q["answer"])) for q in scene.get("questions", [])]
         for question, kind, answer in prompts:
-            if kind == "describe" or any(mentions(answer)):
+            if kind == "describe" or not named_only or any(mentions(answer)):
                 items.append(HallucinationItem(question, image, kind, objects, [answer], scene["id"]))
     if not items:
         raise DataError(f"{path} has no scenes to ask about")

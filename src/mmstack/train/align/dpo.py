@@ -8,7 +8,9 @@ are computed once before training and cached in ``OUT/reference_logps.pt`` (keye
 checkpoint, the data and the template), so a resumed run does not recompute them and the reference model
 is not kept in memory while the policy trains. The policy trains fully or through LoRA adapters (merged
 into the saved checkpoint). With ``eval.data`` (a world folder) the hallucination rate and VQA accuracy
-are measured before and after training.
+are measured before and after training. With ``on_policy.scenes: N`` the pairs are the start model's own
+wrong or hallucinating answers to N scenes of the world (``mmstack.train.align.on_policy``), optionally beside
+the scripted ones.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mmstack.train.align.common import (
     run_key,
 )
 from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
+from mmstack.train.align.on_policy import OnPolicySection, load_or_sample_pairs
 from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
@@ -94,6 +97,7 @@ class DpoRecipeConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     dpo: DpoSection = field(default_factory=DpoSection)
     data: AlignDataSection = field(default_factory=AlignDataSection)
+    on_policy: OnPolicySection = field(default_factory=OnPolicySection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainConfig = field(default_factory=_default_train)
 
@@ -189,6 +193,24 @@ def evaluate_policy(model: nn.Module, section: EvalSection) -> dict[str, Any] | 
     )
 
 
+def _preferences(
+    cfg: DpoRecipeConfig, policy: nn.Module, out: Path, run_config: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any] | None]:
+    """The scripted pairs of ``data.train`` and/or the pairs sampled from the start model (``on_policy``)."""
+    section, train_path = cfg.on_policy, cfg.data.require_train()
+    if not section.enabled:
+        return load_preferences(train_path, cfg.data.kinds, cfg.data.limit), None
+    key = run_key({"model": run_config["model"], "data": run_config["data"], "on_policy": to_dict(section)})
+    sampled, stats = load_or_sample_pairs(policy, train_path, section, out, key)
+    prefs = load_preferences(train_path, cfg.data.kinds, cfg.data.limit) if section.scripted else []
+    if not prefs and not sampled:
+        raise ConfigError(
+            f"the start model answered all {stats['asked']} on-policy prompts of {train_path} correctly: no pairs; "
+            "raise on_policy.scenes or set on_policy.scripted: true"
+        )
+    return prefs + sampled, stats
+
+
 def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train (or reuse) a DPO policy into ``OUT/model``; returns the summary (with before/after eval)."""
     out = Path(out)
@@ -202,10 +224,16 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
     policy = require_bridge(cfg.model)
     reference = frozen_reference(policy)
     before = evaluate_policy(reference, cfg.eval)
-    prefs = load_preferences(train_path, cfg.data.kinds, cfg.data.limit)
+    prefs, sampled = _preferences(cfg, policy, out, run_config)
     data = PreferenceBatches(prefs, policy.processor, cfg.data.cache_dir(out))
     ref_key = run_key(
-        {"model": run_config["model"], "data": run_config["data"], "kinds": cfg.data.kinds, "limit": cfg.data.limit}
+        {
+            "model": run_config["model"],
+            "data": run_config["data"],
+            "kinds": cfg.data.kinds,
+            "limit": cfg.data.limit,
+            "on_policy": to_dict(cfg.on_policy),
+        }
     )
     t_ref = time.perf_counter()
     computed = cache_reference_logps(reference, data, out / REFERENCE_FILE, ref_key, cfg.dpo.reference_batch_size)
@@ -222,6 +250,7 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
         "model": str(out / "model"),
         "steps": fit.steps,
         "pairs": len(data),
+        **({"on_policy": sampled} if sampled else {}),
         "train_s": round(fit.seconds, 2),
         "prepare_s": round(prepare_s, 2),
         "reference_s": round(reference_s, 2),

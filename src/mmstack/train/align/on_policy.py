@@ -1,0 +1,117 @@
+"""On-policy preference pairs: the VLM's own wrong answers against the world's ground truth.
+
+Scripted pairs (the world's ``preferences.jsonl``) reject answers the model may never give, so DPO has little
+to push down. Pairs whose rejected answer the policy itself produces teach more (Tajwar et al. 2024,
+"Preference Fine-Tuning of LLMs Should Leverage Suboptimal, On-Policy Data"; RLHF-V and LLaVA-RLHF collect
+the model's own hallucinations). ``sample_pairs`` asks the start model every question of N scenes of a world
+folder (and, optionally, for a description), greedily, and turns each answer that is wrong (VQA score 0) or
+names an object or colour the scene lacks into a pair: chosen = the ground truth (the scene's caption for a
+description), rejected = the model's answer, ``rejection`` = ``on_policy_hallucination`` or ``on_policy_wrong``.
+
+The pairs are written to ``OUT/on_policy_pairs.jsonl`` (with their key beside, so a resumed run reuses them
+and a changed model or setting samples again) and can be read back by any recipe as a preferences file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmstack.data.preferences import Preference, read_preferences, write_preferences
+from mmstack.errors import ConfigError
+from mmstack.eval.alignment import HallucinationItem, answer_prompts, hallucination_items
+from mmstack.eval.vqa import vqa_score
+from mmstack.utils.atomic import atomic_write_json
+from mmstack.utils.progress import console
+
+PAIRS_FILE = "on_policy_pairs.jsonl"
+
+
+@dataclass
+class OnPolicySection:
+    """Pairs sampled from the start model (``scenes: 0`` turns sampling off).
+
+    Args:
+        scenes: scenes of ``data.train`` (a shapes-world folder) whose questions the start model answers.
+        describe: also ask for each scene's description (a pair when the description hallucinates).
+        scripted: keep the data file's scripted pairs (``data.kinds``, ``data.limit``) beside the sampled ones.
+        batch_size: prompts per generation batch.
+    """
+
+    scenes: int = 0
+    describe: bool = True
+    scripted: bool = False
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.scenes < 0 or self.batch_size <= 0:
+            raise ConfigError("on_policy.scenes must be >= 0 and on_policy.batch_size > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scenes > 0
+
+
+def pairs_from_answers(items: Sequence[HallucinationItem], answers: Sequence[str]) -> list[Preference]:
+    """A pair for each answer that names something absent from its scene or (questions only) scores 0."""
+    pairs = []
+    for k, (item, answer) in enumerate(zip(items, answers, strict=True)):
+        answer, truth = answer.strip(), item.answers[0]
+        if not answer or answer == truth.strip():
+            continue  # an empty answer is the scripted 'terse' kind; an exact match cannot be rejected
+        hallucinated = bool(item.absent(answer))
+        wrong = item.kind != "describe" and vqa_score(answer, item.answers) == 0.0
+        if hallucinated or wrong:
+            rejection = "on_policy_hallucination" if hallucinated else "on_policy_wrong"
+            meta = {"rejection": rejection, "kind": item.kind}
+            pairs.append(Preference(item.image, item.question, truth, answer, id=f"{item.id}:{k}", meta=meta))
+    return pairs
+
+
+def sample_pairs(model: Any, folder: str | Path, section: OnPolicySection) -> tuple[list[Preference], dict]:
+    """Ask ``model`` about the first ``section.scenes`` scenes of ``folder``; returns the pairs and counts."""
+    if not (Path(folder) / "scenes.jsonl").is_file():
+        raise ConfigError(
+            f"on_policy.scenes needs data.train to be a shapes-world folder with scenes.jsonl, got {folder}; "
+            "set on_policy.scenes: 0 to train on a preferences file alone"
+        )
+    items = hallucination_items(folder, limit=section.scenes, describe=section.describe, named_only=False)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        answers = answer_prompts(model, items, section.batch_size)
+    model.train(was_training)
+    pairs = pairs_from_answers(items, answers)
+    kinds = [p.meta["rejection"] for p in pairs]
+    stats = {
+        "asked": len(items),
+        "pairs": len(pairs),
+        **{k: kinds.count(k) for k in ("on_policy_hallucination", "on_policy_wrong")},
+    }
+    return pairs, stats
+
+
+def load_or_sample_pairs(
+    model: Any, folder: str | Path, section: OnPolicySection, out: Path, key: str
+) -> tuple[list[Preference], dict]:
+    """``OUT/on_policy_pairs.jsonl`` when it was sampled under ``key``, else sample and write it."""
+    import json
+
+    path, meta_path = Path(out) / PAIRS_FILE, Path(out) / "on_policy_pairs.json"
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") == key:
+            return read_preferences(path), {**meta["stats"], "cached": True}
+    pairs, stats = sample_pairs(model, folder, section)
+    console.print(
+        f"on-policy pairs: {stats['pairs']} of {stats['asked']} answers rejected "
+        f"({stats['on_policy_hallucination']} hallucinated, {stats['on_policy_wrong']} wrong)"
+    )
+    if pairs:
+        write_preferences(pairs, path)
+        atomic_write_json(meta_path, {"key": key, "stats": stats})
+    return pairs, stats

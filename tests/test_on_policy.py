@@ -1,0 +1,78 @@
+"""On-policy DPO pairs: the start model's own wrong or hallucinating answers against the ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _align_helpers import micro_world_and_vlm
+from mmstack.config import configs_dir, load_config
+from mmstack.data.preferences import read_preferences
+from mmstack.errors import ConfigError
+from mmstack.eval.alignment import HallucinationItem
+from mmstack.train.align.dpo import DpoRecipeConfig, train_dpo
+from mmstack.train.align.on_policy import PAIRS_FILE, pairs_from_answers
+
+MICRO = configs_dir() / "dpo-micro.yaml"
+SCENE = {("red", "circle"), ("blue", "square")}
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return micro_world_and_vlm(tmp_path_factory)
+
+
+def _item(question: str, kind: str, answer: str) -> HallucinationItem:
+    return HallucinationItem(question, Path("img.png"), kind, SCENE, [answer], id="s0")
+
+
+def test_wrong_and_hallucinating_answers_become_pairs_and_right_ones_do_not():
+    items = [
+        _item("How many circles are there?", "count", "1"),
+        _item("How many circles are there?", "count", "1"),
+        _item("What colour is the square?", "colour", "blue"),
+        _item("Describe the image.", "describe", "a red circle and a blue square"),
+        _item("Describe the image.", "describe", "a red circle and a blue square"),
+        _item("Is there a red circle?", "existence", "yes"),
+        _item("What shape is red?", "shape", "circle"),
+    ]
+    answers = ["one", "3", "green", "a red circle and a blue square on the left", "a green star", "", "square"]
+    pairs = pairs_from_answers(items, answers)
+    got = [(p.prompt, p.chosen, p.rejected, p.meta["rejection"]) for p in pairs]
+    assert got == [
+        ("How many circles are there?", "1", "3", "on_policy_wrong"),  # "one" scores as "1": not a pair
+        ("What colour is the square?", "blue", "green", "on_policy_hallucination"),  # no green object
+        ("Describe the image.", "a red circle and a blue square", "a green star", "on_policy_hallucination"),
+        ("What shape is red?", "circle", "square", "on_policy_hallucination"),  # a square exists, a red one not
+    ]  # a faithful description that is not the caption, and an empty answer, make no pair
+    assert [p.meta["kind"] for p in pairs] == ["count", "colour", "describe", "shape"]
+
+
+def test_dpo_on_policy_samples_pairs_once_and_reuses_them_on_resume(micro, tmp_path):
+    world, vlm = micro
+    overrides = [f"model={vlm}", f"data.train={world}", "on_policy.scenes=6", "train.max_steps=2"]
+    cfg = load_config(DpoRecipeConfig, MICRO, overrides=overrides)
+    summary = train_dpo(cfg, tmp_path / "dpo")
+    sampled = summary["on_policy"]
+    assert sampled["asked"] > 6 and sampled["pairs"] == summary["pairs"] > 0  # untrained: most answers wrong
+    pairs = read_preferences(tmp_path / "dpo" / PAIRS_FILE)
+    assert len(pairs) == sampled["pairs"] and all(p.image.is_file() for p in pairs)
+    assert {p.meta["rejection"] for p in pairs} <= {"on_policy_hallucination", "on_policy_wrong"}
+    scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()]
+    truth = {(q["question"], str(q["answer"])) for s in scenes for q in s["questions"]}
+    assert all((p.prompt, p.chosen) in truth for p in pairs if p.prompt != "Describe the image.")
+    # a rerun with more steps (same pairs key) reads the pairs back instead of sampling again
+    more = load_config(DpoRecipeConfig, MICRO, overrides=[*overrides, "train.max_steps=3"])
+    assert train_dpo(more, tmp_path / "dpo")["on_policy"]["cached"] is True
+    # scripted pairs join the sampled ones on request
+    both = load_config(DpoRecipeConfig, MICRO, overrides=[*overrides, "on_policy.scripted=true"])
+    assert train_dpo(both, tmp_path / "both")["pairs"] == sampled["pairs"] + len(read_preferences(world))
+
+
+def test_on_policy_needs_a_world_folder(micro, tmp_path):
+    world, vlm = micro
+    overrides = [f"model={vlm}", f"data.train={world / 'preferences.jsonl'}", "on_policy.scenes=4"]
+    with pytest.raises(ConfigError, match=r"on_policy\.scenes needs data\.train to be a shapes-world folder"):
+        train_dpo(load_config(DpoRecipeConfig, MICRO, overrides=overrides), tmp_path / "dpo")
