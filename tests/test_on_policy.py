@@ -39,7 +39,7 @@ def test_wrong_and_hallucinating_answers_become_pairs_and_right_ones_do_not():
         _item("What shape is red?", "shape", "circle"),
     ]
     answers = ["one", "3", "green", "a red circle and a blue square on the left", "a green star", "", "square"]
-    pairs = pairs_from_answers(items, answers)
+    pairs = pairs_from_answers(items, [[a] for a in answers])
     got = [(p.prompt, p.chosen, p.rejected, p.meta["rejection"]) for p in pairs]
     assert got == [
         ("How many circles are there?", "1", "3", "on_policy_wrong"),  # "one" scores as "1": not a pair
@@ -48,6 +48,14 @@ def test_wrong_and_hallucinating_answers_become_pairs_and_right_ones_do_not():
         ("What shape is red?", "circle", "square", "on_policy_hallucination"),  # a square exists, a red one not
     ]  # a faithful description that is not the caption, and an empty answer, make no pair
     assert [p.meta["kind"] for p in pairs] == ["count", "colour", "describe", "shape"]
+    assert {p.meta["chosen_from"] for p in pairs} == {"truth"}
+
+
+def test_sampled_answers_pair_a_wrong_sample_with_a_right_one():
+    count, describe = _item("How many circles are there?", "count", "1"), _item("Describe the image.", "describe", "x")
+    samples = [["2", "one", "3"], ["a red circle", "a blue square"], ["1", "one"]]
+    pairs = pairs_from_answers([count, describe, count], samples)
+    assert [(p.chosen, p.rejected, p.meta["chosen_from"]) for p in pairs] == [("one", "2", "sample")]
 
 
 def test_dpo_on_policy_samples_pairs_once_and_reuses_them_on_resume(micro, tmp_path):
@@ -76,3 +84,17 @@ def test_on_policy_needs_a_world_folder(micro, tmp_path):
     overrides = [f"model={vlm}", f"data.train={world / 'preferences.jsonl'}", "on_policy.scenes=4"]
     with pytest.raises(ConfigError, match=r"on_policy\.scenes needs data\.train to be a shapes-world folder"):
         train_dpo(load_config(DpoRecipeConfig, MICRO, overrides=overrides), tmp_path / "dpo")
+
+
+def test_sampling_pairs_read_their_samples_from_the_policy(micro):
+    from mmstack.models.bridge import BridgeModel
+    from mmstack.train.align.on_policy import OnPolicySection, sample_pairs
+
+    world, vlm = micro
+    model = BridgeModel.from_pretrained(vlm).train()
+    pairs, stats = sample_pairs(model, world, OnPolicySection(scenes=3, samples=2, temperature=1.5))
+    assert stats["answers"] == 2 * stats["asked"] and stats["pairs"] == len(pairs) > 0
+    assert all(p.meta["chosen_from"] in ("sample", "truth") for p in pairs)
+    assert model.training  # sampling ran in eval mode and restored the caller's mode
+    again, _ = sample_pairs(model, world, OnPolicySection(scenes=3, samples=2, temperature=1.5))
+    assert [p.rejected for p in again] == [p.rejected for p in pairs]  # seeded samples: reproducible

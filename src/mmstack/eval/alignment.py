@@ -173,15 +173,17 @@ def hallucination_items(
     return items
 
 
-def answer_prompts(model: Any, items: Sequence[HallucinationItem], batch_size: int) -> list[str]:
-    """Greedy answers: long enough for a description, short for questions."""
+def answer_prompts(
+    model: Any, items: Sequence[HallucinationItem], batch_size: int, generation: Any = None
+) -> list[str]:
+    """Greedy answers (or as ``generation`` says): long enough for a description, short for questions."""
     from mmstack.eval.vqa import VqaItem, answer_items
 
     out = [""] * len(items)
     for is_describe, max_new in ((True, 48), (False, 8)):
         idx = [i for i, it in enumerate(items) if (it.kind == "describe") == is_describe]
         vqa = [VqaItem(items[i].question, items[i].answers, items[i].kind, items[i].image) for i in idx]
-        for i, text in zip(idx, answer_items(model, vqa, batch_size, max_new), strict=True):
+        for i, text in zip(idx, answer_items(model, vqa, batch_size, max_new, generation), strict=True):
             out[i] = text
     return out
 

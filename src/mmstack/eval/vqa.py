@@ -138,13 +138,18 @@ def load_vqa_items(folder: str | Path, clips: bool = True, limit: int | None = N
     return items
 
 
-def answer_items(model: Any, items: Sequence[VqaItem], batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
-    """The model's greedy answers to ``items`` (images and clips batched separately)."""
+def answer_items(
+    model: Any, items: Sequence[VqaItem], batch_size: int = 64, max_new_tokens: int = 8, generation: Any = None
+) -> list[str]:
+    """The model's answers to ``items`` (images and clips batched separately): greedy, or as ``generation``
+    (a ``GenerationConfig``, e.g. sampling) says, with ``max_new_tokens`` either way."""
+    import dataclasses
+
     from mmstack.data.images import load_image
     from mmstack.models.bridge_generate import GenerationConfig, generate_text
     from mmstack.processing.video import load_frames
 
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    cfg = dataclasses.replace(generation or GenerationConfig(), max_new_tokens=max_new_tokens)
     k = model.processor.config.video_frames
     cache: dict[Any, Any] = {}
 
