@@ -16,7 +16,8 @@ def test_demo_smoke_runs_and_caches(tmp_path, run_cli):
     assert "The shapes world" in report and "world.png" in report
     assert (out / "world.png").stat().st_size > 1000
     cache = json.loads((out / ".cache" / "world.json").read_text())
-    assert cache["result"]["metrics"]["train_scenes"] == 200
+    metrics = cache["result"]["metrics"]
+    assert metrics["train_scenes"] == 200 and (metrics["train_clips"], metrics["val_clips"]) == (4, 2)
 
     res = run_cli("demo", "--smoke", "--out", out)
     assert res.code == 0

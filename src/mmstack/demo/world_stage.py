@@ -1,4 +1,8 @@
-"""Demo stage ``world``: generate the train, val and compositional worlds and a contact sheet."""
+"""Demo stage ``world``: generate the train, val and compositional worlds and a contact sheet.
+
+Config: ``seed``, ``image_size``, ``n_train``/``n_val``/``n_compositional`` scenes, ``clips`` (train) and
+``val_clips`` (default: ``clips``) short clips, ``sheet`` images on the contact sheet.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def run(ctx: DemoContext, cfg: dict) -> StageResult:
     summaries = {}
     # Each split draws from its own seed stream so val is held out from train.
     for offset, (split, n) in enumerate(sizes.items()):
-        clips = int(cfg.get("clips", 0)) if split != "compositional" else 0
+        clips = {"train": int(cfg.get("clips", 0)), "val": int(cfg.get("val_clips", cfg.get("clips", 0)))}.get(split, 0)
         summaries[split] = generate_world(
             world_dir(ctx, split), n=int(n), seed=seed + 1000 * offset, split=split, image_size=size, clips=clips
         )
