@@ -106,14 +106,10 @@ def sample_pairs(model: Any, folder: str | Path, section: OnPolicySection) -> tu
             "set on_policy.scenes: 0 to train on a preferences file alone"
         )
     items = hallucination_items(folder, limit=section.scenes, describe=section.describe, named_only=False)
-    runs = (
-        [None]
-        if not section.samples
-        else [
-            GenerationConfig(do_sample=True, temperature=section.temperature, seed=seed)
-            for seed in range(section.samples)
-        ]
-    )
+    sampled = [
+        GenerationConfig(do_sample=True, temperature=section.temperature, seed=seed) for seed in range(section.samples)
+    ]
+    runs: list[GenerationConfig | None] = [*sampled] or [None]  # None: greedy
     was_training = model.training
     model.eval()
     with torch.inference_mode():
