@@ -15,6 +15,7 @@ and a changed model or setting samples again) and can be read back by any recipe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from mmstack.utils.atomic import atomic_write_json
 from mmstack.utils.progress import console
 
 PAIRS_FILE = "on_policy_pairs.jsonl"
+META_FILE = "on_policy_pairs.json"  # the key the pairs were sampled under, and their counts
 
 
 @dataclass
@@ -131,16 +133,14 @@ def load_or_sample_pairs(
     model: Any, folder: str | Path, section: OnPolicySection, out: Path, key: str
 ) -> tuple[list[Preference], dict]:
     """``OUT/on_policy_pairs.jsonl`` when it was sampled under ``key``, else sample and write it."""
-    import json
-
-    path, meta_path = Path(out) / PAIRS_FILE, Path(out) / "on_policy_pairs.json"
+    path, meta_path = Path(out) / PAIRS_FILE, Path(out) / META_FILE
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("key") == key:
             return read_preferences(path), {**meta["stats"], "cached": True}
     pairs, stats = sample_pairs(model, folder, section)
     console.print(
-        f"on-policy pairs: {stats['pairs']} of {stats['asked']} answers rejected "
+        f"on-policy pairs: {stats['pairs']} from {stats['answers']} answers to {stats['asked']} prompts "
         f"({stats['on_policy_hallucination']} hallucinated, {stats['on_policy_wrong']} wrong)"
     )
     if pairs:
