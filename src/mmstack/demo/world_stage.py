@@ -29,10 +29,11 @@ def run(ctx: DemoContext, cfg: dict) -> StageResult:
         "val": cfg.get("n_val", 200),
         "compositional": cfg.get("n_compositional", 200),
     }
+    clips_by_split = {"train": int(cfg.get("clips", 0)), "val": int(cfg.get("val_clips", cfg.get("clips", 0)))}
     summaries = {}
     # Each split draws from its own seed stream so val is held out from train.
     for offset, (split, n) in enumerate(sizes.items()):
-        clips = {"train": int(cfg.get("clips", 0)), "val": int(cfg.get("val_clips", cfg.get("clips", 0)))}.get(split, 0)
+        clips = clips_by_split.get(split, 0)
         summaries[split] = generate_world(
             world_dir(ctx, split), n=int(n), seed=seed + 1000 * offset, split=split, image_size=size, clips=clips
         )

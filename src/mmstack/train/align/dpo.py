@@ -194,10 +194,10 @@ def evaluate_policy(model: nn.Module, section: EvalSection) -> dict[str, Any] | 
 
 
 def _preferences(
-    cfg: DpoRecipeConfig, policy: nn.Module, out: Path, run_config: dict[str, Any]
+    cfg: DpoRecipeConfig, policy: nn.Module, train_path: Path, out: Path, run_config: dict[str, Any]
 ) -> tuple[list[Any], dict[str, Any] | None]:
-    """The scripted pairs of ``data.train`` and/or the pairs sampled from the start model (``on_policy``)."""
-    section, train_path = cfg.on_policy, cfg.data.require_train()
+    """The scripted pairs of ``train_path`` and/or the pairs sampled from the start model (``on_policy``)."""
+    section = cfg.on_policy
     if not section.enabled:
         return load_preferences(train_path, cfg.data.kinds, cfg.data.limit), None
     key = run_key({"model": run_config["model"], "data": run_config["data"], "on_policy": to_dict(section)})
@@ -224,7 +224,7 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
     policy = require_bridge(cfg.model)
     reference = frozen_reference(policy)
     before = evaluate_policy(reference, cfg.eval)
-    prefs, sampled = _preferences(cfg, policy, out, run_config)
+    prefs, sampled = _preferences(cfg, policy, train_path, out, run_config)
     data = PreferenceBatches(prefs, policy.processor, cfg.data.cache_dir(out))
     ref_key = run_key(
         {
