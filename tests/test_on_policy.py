@@ -98,3 +98,12 @@ def test_sampling_pairs_read_their_samples_from_the_policy(micro):
     assert model.training  # sampling ran in eval mode and restored the caller's mode
     again, _ = sample_pairs(model, world, OnPolicySection(scenes=3, samples=2, temperature=1.5))
     assert [p.rejected for p in again] == [p.rejected for p in pairs]  # seeded samples: reproducible
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("on_policy.temperature=0", r"on_policy\.temperature must be > 0"), ("on_policy.samples=-1", r">= 0")],
+)
+def test_bad_on_policy_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DpoRecipeConfig, MICRO, overrides=[override])
