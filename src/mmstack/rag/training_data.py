@@ -31,6 +31,7 @@ from PIL import Image
 from mmstack.errors import ConfigError
 from mmstack.rag.prompt import render_prompt, render_question
 from mmstack.utils.atomic import atomic_dir
+from mmstack.world.language import join_list, noun_phrase, reading_order
 from mmstack.world.rag_world import (
     HALLS,
     MAX_NUMBER,
@@ -43,6 +44,8 @@ from mmstack.world.rag_world import (
     sample_records,
 )
 from mmstack.world.vocab import derive_seed
+
+TEXT_KINDS = tuple(k for k in RAG_KINDS if k != "image")  # what described notes alone can answer
 
 
 @dataclass
@@ -122,17 +125,27 @@ def _ask(
     raise AssertionError("a note question always exists")
 
 
+def described_note(rec: RagRecord) -> str:
+    """The note and, in words, what the exhibit's image shows: "Exhibit 17 belongs to the north hall. It shows
+    a red circle and a blue star." (text-only training of the lookups that images answer at inference)."""
+    return f"{rec.note} It shows {join_list([noun_phrase(o, size=False) for o in reading_order(rec.scene)])}."
+
+
 def conversation_for(
     context: list[RagRecord],
     questions: list[RagQuestion],
     source_images: list[int] | None,
     query_images: list[int | None],
+    described: bool = False,
 ) -> RagExample:
     """The conversation asking ``questions`` (the first with the sources) about ``context``; without
-    ``source_images`` the sources are their notes alone (text-only RAG)."""
+    ``source_images`` the sources are their notes alone (text-only RAG), ``described`` in words
+    (``described_note``)."""
     numbers = {r.id: i for i, r in enumerate(context, start=1)}
-    snippets = [(r.note, source_images is not None) for r in context]
+    snippets = [(described_note(r) if described else r.note, source_images is not None) for r in context]
     conversation, images = [], list(source_images or [])
+    if query_images and query_images[0] is not None:  # the first question, with its image, leads the prompt
+        images.insert(0, query_images[0])
     for j, (q, query) in enumerate(zip(questions, query_images, strict=True)):
         text = (
             render_prompt(q.question, snippets, query is not None)
@@ -143,7 +156,7 @@ def conversation_for(
             {"from": "human", "value": text},
             {"from": "gpt", "value": f"[{numbers[q.record]}] {q.answer}"},
         ]
-        if query is not None:
+        if query is not None and j > 0:
             images.append(query)
     return RagExample(conversation, images, [q.kind for q in questions])
 
@@ -157,12 +170,15 @@ def build_training_set(
     image_size: int = 64,
     p_first: float = 0.5,
     text_only: float = 0.0,
+    described: bool = False,
 ) -> RagTrainingSet:
     """``n_examples`` RAG conversations of ``turns`` questions each over fresh knowledge bases (seeds
     derived from ``seed``; use seeds the evaluation does not use). A share ``text_only`` of them shows the
     notes without images and asks only about notes: about a third of the compute of a multimodal one, they
     teach the in-context lookup (find the source that names exhibit 17, copy its hall and number) that the
-    multimodal questions build on."""
+    multimodal questions build on. With ``described`` the notes-only conversations say in words what each image
+    shows and ask every kind of question but the query-image one, so lookups by content ("Which exhibit shows
+    a blue star?": find the source, copy its number) are practised on text first."""
     if n_examples < 1 or turns < 1:
         raise ConfigError(f"n_examples and turns must be >= 1; got {n_examples}, {turns}")
     out = RagTrainingSet()
@@ -175,7 +191,7 @@ def build_training_set(
         gold = rng.choice(records)
         context = simulate_context(gold, records, context_k, rng, p_first)
         notes_only = rng.random() < text_only
-        kinds = ("note",) if notes_only else RAG_KINDS
+        kinds = (TEXT_KINDS if described else ("note",)) if notes_only else RAG_KINDS
         questions = [_ask(gold, context, rng, f"c{i}t0", kinds)]
         for j in range(1, turns):  # follow-ups about any source, never a question asked already
             for _ in range(20):
@@ -184,7 +200,7 @@ def build_training_set(
                     questions.append(q)
                     break
         if notes_only:
-            out.examples.append(conversation_for(context, questions, None, [None] * len(questions)))
+            out.examples.append(conversation_for(context, questions, None, [None] * len(questions), described))
             continue
         ids = [out.add_image(f"kb{kb}/{r.id}", lambda r=r: r.render(image_size)) for r in context]
         queries = [

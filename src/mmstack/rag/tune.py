@@ -42,6 +42,10 @@ class RagTuneConfig:
         p_first: how often the right record is source [1] (a good retriever puts it first).
         text_only: share of conversations with notes only (cheap; they teach the in-context lookup).
         text_steps, text_batch: an optional first phase on notes-only conversations (0 steps: none).
+        described: notes-only conversations say in words what each exhibit shows and ask lookups, facts and
+            attributes too (``training_data.described_note``), not only halls. With ``text_steps`` 800 of 64
+            this is what taught the demo VLM to copy exhibit numbers (answer accuracy 0.56 -> 0.81, lookups
+            0.00 -> 0.70; without the text phase 0.59; BENCHMARKS.md, session 18).
         train_vision: also train the vision tower (slower; usually not needed).
         split_digits: read unknown numbers digit by digit (``split_numbers_into_digits``); off: on the demo VLM
             (1,200 steps, world RAG seed 0, 100 questions) it gave answer accuracy 0.53 against 0.54 for whole
@@ -57,6 +61,7 @@ class RagTuneConfig:
     text_only: float = 0.5
     text_steps: int = 0
     text_batch: int = 64
+    described: bool = True
     train_vision: bool = False
     split_digits: bool = False
     train: TrainConfig = field(
@@ -252,12 +257,20 @@ def tune_for_rag(base: str | Path, out: str | Path, cfg: RagTuneConfig | None = 
     seed_everything(cfg.train.seed)
     model = BridgeModel.from_pretrained(base).train()
     data = build_training_set(
-        cfg.n_examples, cfg.seed, cfg.context_k, cfg.turns, p_first=cfg.p_first, text_only=cfg.text_only
+        cfg.n_examples,
+        cfg.seed,
+        cfg.context_k,
+        cfg.turns,
+        p_first=cfg.p_first,
+        text_only=cfg.text_only,
+        described=cfg.described,
     )
     notes = None
     if cfg.text_steps:
         n_notes = cfg.text_steps * cfg.text_batch // 2  # each seen about twice
-        notes = build_training_set(n_notes, cfg.seed + 1, cfg.context_k, cfg.turns, text_only=1.0)
+        notes = build_training_set(
+            n_notes, cfg.seed + 1, cfg.context_k, cfg.turns, text_only=1.0, described=cfg.described
+        )
     texts = world_vocabulary() + [t["value"] for d in (data, notes) if d for ex in d.examples for t in ex.turns()]
     added = extend_vocabulary(model, texts, split_digits=cfg.split_digits)
     model.set_trainable(vision=cfg.train_vision, connector=True, language=True)

@@ -65,7 +65,7 @@ class Source:
 
 @dataclass
 class Prompt:
-    """What the generator gets: the text with ``<image>`` placeholders (query image first, then one per
+    """What the generator gets: the text with ``<image>`` placeholders (the query image's first, then one per
     source image in source order) and the images themselves, in placeholder order."""
 
     text: str
