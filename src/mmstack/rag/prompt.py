@@ -1,19 +1,16 @@
-"""The RAG prompt: the question (with its own image, if any), then the sources numbered [1], [2] ..., each as
-its text snippet followed by its image (an ``<image>`` placeholder), then the instruction to cite.
+"""The RAG prompt: the sources numbered [1], [2] ..., each as its text snippet followed by its image (an
+``<image>`` placeholder), then the question (with its own image first, if any) and the instruction to cite.
 
-    Question: <image> Which exhibit is this?
     Sources:
     [1] Exhibit 17 belongs to the north hall. <image>
     [2] Exhibit 4 is kept in the east hall. <image>
+    Question: <image> Which exhibit is this?
     Answer and cite the source number.
 
-The question comes first so that every source image's tokens can attend to what is asked (and to the query
-image), as the bridge VLM learnt to read images in stage 2 (question before the image); each snippet comes
-before its image so that the image's tokens can also attend to their own number and note. With the question
-last, the tuned demo VLM read the colour or shape of a named exhibit's object at 0.50; question first, 0.85
-(BENCHMARKS.md, session 18). A follow-up question in the same conversation (``render_question``) comes after
-the images; training conversations (``mmstack.rag.training_data``) ask several questions about one set of
-sources, so a model sees at inference exactly the layout it learnt.
+Each snippet comes before its image so that the image's tokens can attend to their own number and note,
+and the question comes last, as a follow-up question in the same conversation does (``render_question``):
+training conversations (``mmstack.rag.training_data``) ask several questions about one set of sources,
+and a model sees at inference exactly the layout it learnt.
 """
 
 from __future__ import annotations
@@ -44,15 +41,14 @@ def render_question(question: str, query_image: bool = False) -> str:
 
 
 def render_prompt(question: str, snippets: Sequence[tuple[str, bool]], query_image: bool) -> str:
-    """The prompt text for ``snippets`` = (text, has_image) per source, numbered from 1, after the question."""
-    q = clean_snippet(question, 2000)
-    lines = [f"Question: {IMAGE_PLACEHOLDER} {q}" if query_image else f"Question: {q}", "Sources:"]
+    """The prompt text for ``snippets`` = (text, has_image) per source, numbered from 1."""
+    lines = ["Sources:"]
     for i, (text, has_image) in enumerate(snippets, start=1):
         parts = [f"[{i}]"] + ([text] if text else []) + ([IMAGE_PLACEHOLDER] if has_image else [])
         lines.append(" ".join(parts))
     if not snippets:
         lines.append(NO_SOURCES)
-    lines.append(INSTRUCTION)
+    lines.append(render_question(question, query_image))
     return "\n".join(lines)
 
 
@@ -66,11 +62,11 @@ def build_prompt(
     warn: Callable[[str], None] | None = None,
 ) -> Prompt:
     """Number ``sources`` from 1 (setting ``Source.number``), load the images of the first ``max_images``
-    sources that have one, and render the prompt (the query image first, then the source images).
+    sources that have one, and render the prompt (source images first, then the query image).
 
     A source image that fails to load is left out with a warning (the source stays, as text only).
     """
-    images: list[Image.Image] = [query_image] if query_image is not None else []  # placeholder order
+    images: list[Image.Image] = []
     snippets = []
     n_source_images = 0
     for i, src in enumerate(sources, start=1):
@@ -87,4 +83,6 @@ def build_prompt(
             images.append(img)
             n_source_images += 1
         snippets.append((clean_snippet(src.text, max_snippet_chars), img is not None))
+    if query_image is not None:
+        images.append(query_image)  # its placeholder comes after the sources'
     return Prompt(render_prompt(question, snippets, query_image is not None), images, list(sources))

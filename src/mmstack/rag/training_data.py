@@ -144,8 +144,6 @@ def conversation_for(
     numbers = {r.id: i for i, r in enumerate(context, start=1)}
     snippets = [(described_note(r) if described else r.note, source_images is not None) for r in context]
     conversation, images = [], list(source_images or [])
-    if query_images and query_images[0] is not None:  # the first question, with its image, leads the prompt
-        images.insert(0, query_images[0])
     for j, (q, query) in enumerate(zip(questions, query_images, strict=True)):
         text = (
             render_prompt(q.question, snippets, query is not None)
@@ -156,7 +154,7 @@ def conversation_for(
             {"from": "human", "value": text},
             {"from": "gpt", "value": f"[{numbers[q.record]}] {q.answer}"},
         ]
-        if query is not None and j > 0:
+        if query is not None:
             images.append(query)
     return RagExample(conversation, images, [q.kind for q in questions])
 

@@ -65,8 +65,8 @@ class Source:
 
 @dataclass
 class Prompt:
-    """What the generator gets: the text with ``<image>`` placeholders (the query image's first, then one per
-    source image in source order) and the images themselves, in placeholder order."""
+    """What the generator gets: the text with ``<image>`` placeholders (one per source image in source order,
+    then the query image's) and the images themselves, in placeholder order."""
 
     text: str
     images: list[Image.Image]
