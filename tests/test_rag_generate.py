@@ -193,8 +193,8 @@ def test_described_notes_say_what_each_exhibit_shows_and_ask_lookups_by_content(
     )
     assert data.images == []
     kinds = {k for ex in data.examples for k in ex.kinds}
-    lookups = 0
     assert "image" not in kinds and {"lookup", "fact", "attribute", "note"} <= kinds
+    lookups = 0
     for ex in data.examples:
         prompt = ex.turns()[0]["value"]
         sources = [line for line in prompt.splitlines() if line.startswith("[")]

@@ -182,6 +182,7 @@ def build_training_set(
     out = RagTrainingSet()
     rng = random.Random(derive_seed("rag-train", int(seed)))
     per_kb, records = 50, []
+    notes_kinds = TEXT_KINDS if described else ("note",)  # what a notes-only conversation asks
     for i in range(n_examples):
         kb = i // per_kb
         if i % per_kb == 0:
@@ -189,7 +190,7 @@ def build_training_set(
         gold = rng.choice(records)
         context = simulate_context(gold, records, context_k, rng, p_first)
         notes_only = rng.random() < text_only
-        kinds = (TEXT_KINDS if described else ("note",)) if notes_only else RAG_KINDS
+        kinds = notes_kinds if notes_only else RAG_KINDS
         questions = [_ask(gold, context, rng, f"c{i}t0", kinds)]
         for j in range(1, turns):  # follow-ups about any source, never a question asked already
             for _ in range(20):
