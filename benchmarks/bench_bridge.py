@@ -161,6 +161,7 @@ def decoding(model: Any, val: Path, batch_sizes: tuple[int, ...], new_tokens: in
 
 def run(quick: bool) -> dict[str, Any]:
     from mmstack.models.bridge import BridgeModel
+    from mmstack.train.llava import STAGES
 
     torch.set_num_threads(2)
     dirs = _worlds(quick)
@@ -175,7 +176,7 @@ def run(quick: bool) -> dict[str, Any]:
         "llava_cpu_s": round(cpu, 1),
         "stages": {
             f"stage{s}": {k: res[f"stage{s}"].get(k) for k in ("steps", "train_s", "final_loss", "cached")}
-            for s in (0, 1, 2)
+            for s in STAGES
         },
         **_vqa(mlp, dirs, limit),
     }

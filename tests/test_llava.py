@@ -32,7 +32,7 @@ def _cfg(world: Path, *overrides: str) -> LlavaRecipeConfig:
 
 @pytest.fixture(scope="module")
 def staged(world, tmp_path_factory) -> Path:
-    """All three micro stages, trained once for the tests that inspect them."""
+    """All four micro stages, trained once for the tests that inspect them."""
     out = tmp_path_factory.mktemp("run")
     train_llava(_cfg(world), out, "all")
     return out
@@ -71,12 +71,34 @@ def test_stage2_trains_language_and_vision(staged):
     assert not _same(s1, s2, "language_model.") and not _same(s1, s2, "vision_tower.")
 
 
+def test_stage3_continues_stage2_and_is_published_as_the_final_model(staged):
+    s2, s3, final = (_state(staged / p) for p in ("stage2/model", "stage3/model", "model"))
+    assert _same(s2, s3, "vision_tower.") and not _same(s2, s3, "language_model.")
+    assert _same(s3, final, "") and set(s3) == set(final)
+    assert (staged / "model" / "model.safetensors").stat().st_ino == (
+        staged / "stage3/model/model.safetensors"
+    ).stat().st_ino
+
+
+def test_final_model_follows_the_last_enabled_stage_and_is_never_stale(world, staged, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(staged, out)
+    res = train_llava(_cfg(world, "stage3.enabled=false"), out, "all")
+    assert res["model"] == str(out / "model") and all(res[f"stage{s}"]["cached"] for s in (0, 1, 2))
+    assert _same(_state(out / "model"), _state(out / "stage2" / "model"), "")
+    res = train_llava(_cfg(world, "stage1.train.lr=1e-3"), out, 1)  # stages 2 and 3 are now out of date
+    assert not (out / "model").exists() and res["model"] == str(out / "stage1" / "model")
+
+
 def test_cli_runs_stages_and_reuses_unchanged_ones(world, tmp_path, run_cli):
     args = ["train", "llava", "--config", MICRO, "--data", world, "--out", tmp_path / "run", "--json"]
     first = run_cli(*args, "--stage", "all")
     assert first.code == 0, first.err
     res = first.json()
-    assert [res[f"stage{s}"]["steps"] for s in (0, 1, 2)] == [4, 4, 4]
+    assert [res[f"stage{s}"]["steps"] for s in (0, 1, 2, 3)] == [4, 4, 4, 2]
+    assert res["model"] == str(tmp_path / "run" / "model")
     again = run_cli(*args, "--stage", "2")
     assert again.code == 0 and again.json()["stage2"]["cached"] is True
     changed = run_cli(*args, "--stage", "2", "--stage2.train.lr", "1e-3")
@@ -209,8 +231,8 @@ def test_bad_configs_fail_clearly(world):
         _cfg(world, "stage1.data=[]")
     with pytest.raises(ConfigError, match="must train something"):
         _cfg(world, "stage1.train_connector=false")
-    with pytest.raises(ConfigError, match="--stage"):
-        train_llava(_cfg(world), "unused", 3)
+    with pytest.raises(ConfigError, match="--stage must be 0, 1, 2, 3 or all"):
+        train_llava(_cfg(world), "unused", 4)
 
 
 @pytest.mark.slow
@@ -225,6 +247,7 @@ def test_micro_training_answers_colour_questions_far_above_chance(tmp_path):
             f"data.train={train}",
             "stage0.enabled=false",
             "stage1.enabled=false",
+            "stage3.enabled=false",
             "stage2.data=[{kind: conversations}]",
             "stage2.resolution=[]",
             "stage2.train={lr: 3.0e-3, warmup_steps: 5, max_steps: 60, batch_size: 32, log_every: 20}",

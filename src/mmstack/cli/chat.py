@@ -30,7 +30,7 @@ def chat(
 ) -> None:
     """Chat with a VLM about an image (streaming the answer).
 
-    Example: mmstack chat --model runs/vlm/stage2/model --image world/val/images/000001.png "What colour is the star?"
+    Example: mmstack chat --model runs/vlm/model --image world/val/images/000001.png "What colour is the star?"
     """
     import torch
 

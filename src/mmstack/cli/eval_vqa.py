@@ -20,7 +20,7 @@ def vqa(
 ) -> None:
     """Answer every question of DATA and report VQA accuracy overall and by question kind.
 
-    Example: mmstack eval vqa --model runs/vlm/stage2/model --data world/val --json
+    Example: mmstack eval vqa --model runs/vlm/model --data world/val --json
     """
     import torch
 

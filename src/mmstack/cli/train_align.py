@@ -56,7 +56,7 @@ def train_reward(
 ) -> None:
     """Train a multimodal reward model (bridge VLM + scalar head, Bradley-Terry loss).
 
-    Example: mmstack train reward --model runs/vlm/stage2/model --data world/train --val world/val --out runs/reward
+    Example: mmstack train reward --model runs/vlm/model --data world/train --val world/val --out runs/reward
     """
     from mmstack.train.align.reward import RewardRecipeConfig
     from mmstack.train.align.reward import train_reward as run
@@ -86,7 +86,7 @@ def train_dpo(
 ) -> None:
     """Align a bridge VLM with DPO against a frozen reference copy (cached reference log-probs).
 
-    Example: mmstack train dpo --model runs/vlm/stage2/model --data world/train --eval world/val --out runs/dpo
+    Example: mmstack train dpo --model runs/vlm/model --data world/train --eval world/val --out runs/dpo
     """
     from mmstack.train.align.dpo import DpoRecipeConfig
     from mmstack.train.align.dpo import train_dpo as run
@@ -112,7 +112,7 @@ def train_ppo(
 ) -> None:
     """Align a bridge VLM with PPO against a reward model (KL penalty to the reference, value model, GAE).
 
-    Example: mmstack train ppo --model runs/vlm/stage2/model --reward runs/reward/model --data world/train --out runs/ppo
+    Example: mmstack train ppo --model runs/vlm/model --reward runs/reward/model --data world/train --out runs/ppo
     """
     from mmstack.train.align.ppo import PpoRecipeConfig
     from mmstack.train.align.ppo import train_ppo as run

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmstack.demo.pipeline import DemoContext, StageResult, recipe_name
+from mmstack.demo.pipeline import DemoContext, StageResult, recipe_name, vlm_checkpoint
 from mmstack.utils.progress import console
 
 SMOKE = {
@@ -31,18 +31,6 @@ SMOKE = {
 DEFAULTS = {
     "eval_limit": 300,
 }
-
-
-def vlm_checkpoint(path: Path) -> Path:
-    """A bridge checkpoint folder: ``path`` itself, or the last stage's model of a llava run folder."""
-    from mmstack.errors import ConfigError
-
-    if (path / "config.json").is_file():
-        return path
-    for stage in ("stage2", "stage1", "stage0"):
-        if (path / stage / "model" / "config.json").is_file():
-            return path / stage / "model"
-    raise ConfigError(f"demo stage align needs the VLM at {path}; run the vlm stage first")
 
 
 def _recipe(cls: type, name: str, fields: dict[str, Any], extra: dict[str, Any] | None):
@@ -58,7 +46,7 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     from mmstack.train.align.reward import RewardRecipeConfig, train_reward
 
     cfg = {**DEFAULTS, **(SMOKE if ctx.smoke else {}), **cfg}
-    vlm = vlm_checkpoint(ctx.path(cfg.get("vlm", "models/vlm")))
+    vlm = vlm_checkpoint(ctx.path(cfg.get("vlm", "models/vlm")), "align")
     dirs = world_dirs(ctx, cfg)
     extra = cfg.get("overrides") or {}
     cache = str(ctx.path("cache", "pixels"))

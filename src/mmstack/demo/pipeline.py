@@ -99,6 +99,17 @@ def recipe_name(ctx: DemoContext, cfg: dict[str, Any], key: str, family: str) ->
     return str(cfg.get(key, f"{family}-micro.yaml" if ctx.smoke else f"{family}-demo.yaml"))
 
 
+def vlm_checkpoint(path: Path, stage: str) -> Path:
+    """A bridge checkpoint folder: ``path`` itself, or a llava run folder's final model (``model``, else its
+    last stage's); a clear error naming ``stage`` when there is none."""
+    if (path / "config.json").is_file():
+        return path
+    for sub in ("model", "stage3/model", "stage2/model", "stage1/model", "stage0/model"):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    raise ConfigError(f"demo stage {stage} needs the VLM at {path}; run the vlm stage first")
+
+
 def _recipe_digests(stage: Stage, cfg: dict[str, Any], ctx: DemoContext) -> dict[str, str]:
     """A content hash of each recipe file the stage will read (its name when the file is missing)."""
     from mmstack.config import configs_dir

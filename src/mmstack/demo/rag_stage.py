@@ -2,7 +2,7 @@
 answered with their cited sources, and the world RAG benchmark against the no-retrieval baseline.
 
 Config (``rag:`` in the demo YAML; defaults in brackets): ``clip`` [models/clip] and ``vlm``
-[models/vlm] (checkpoint folders inside the demo folder), ``seed`` [0], ``records`` [50], ``questions``
+[models/vlm] (checkpoint folders, or the vlm run folder inside the demo folder), ``seed`` [0], ``records`` [50], ``questions``
 [100], ``context_k`` [3], ``tune_examples`` [4800] conversations of ``tune_turns`` [4] questions,
 ``tune_steps`` [1200], ``tune_batch`` [16], ``tune_lr`` [1e-3], ``tune_precision`` [bf16], ``tune_split_digits``
 [false] (numbers read digit by digit, ``RagTuneConfig.split_digits``), ``tune_text_steps`` [800] and
@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mmstack.demo.pipeline import DemoContext, StageResult
+from mmstack.demo.pipeline import DemoContext, StageResult, vlm_checkpoint
 
 SMOKE = {
     "records": 12,
@@ -42,10 +42,9 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     from mmstack.errors import ConfigError
 
     cfg = {**(SMOKE if ctx.smoke else {}), **cfg}
-    clip, vlm = ctx.path(cfg.get("clip", "models/clip")), ctx.path(cfg.get("vlm", "models/vlm"))
-    for name, path in (("clip", clip), ("vlm", vlm)):
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"demo stage rag needs the {name} checkpoint at {path}; run its stage first")
+    clip, vlm = ctx.path(cfg.get("clip", "models/clip")), vlm_checkpoint(ctx.path(cfg.get("vlm", "models/vlm")), "rag")
+    if not (clip / "config.json").is_file():
+        raise ConfigError(f"demo stage rag needs the clip checkpoint at {clip}; run its stage first")
     logging.getLogger("mmstack.rag").setLevel(logging.ERROR)
     tuned = _tune(ctx, vlm, cfg)
     samples_html, samples = _samples(ctx, clip, tuned, cfg)

@@ -54,8 +54,8 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
 
 
 def _checkpoint(ctx: DemoContext, rel: str) -> str | None:
-    """``rel`` when it is a checkpoint folder, else the newest servable checkpoint below it (a recipe that
-    trains in stages keeps one per stage, e.g. ``models/vlm/stage1/model``), else None."""
+    """``rel`` when it is a checkpoint folder, else a staged run's final model (``rel/model``), else the
+    newest servable checkpoint below it (e.g. ``models/vlm/stage1/model`` of an unfinished run), else None."""
     from mmstack.errors import ModelError
     from mmstack.models.registry import read_family
     from mmstack.serve.state import SERVICES
@@ -71,7 +71,8 @@ def _checkpoint(ctx: DemoContext, rel: str) -> str | None:
             continue
     if not found:
         return None
-    best = found[0] if found[0] == folder else max(found, key=lambda p: (p / "config.json").stat().st_mtime)
+    preferred = [p for p in (folder, folder / "model") if p in found]
+    best = preferred[0] if preferred else max(found, key=lambda p: (p / "config.json").stat().st_mtime)
     return str(best.relative_to(ctx.out))
 
 

@@ -68,7 +68,9 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
 
 
 def _metrics(result: dict[str, Any], val: dict[str, Any], comp: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"train_s": round(sum(result[f"stage{s}"].get("train_s", 0.0) for s in (0, 1, 2)), 1)}
+    from mmstack.train.llava import STAGES
+
+    out: dict[str, Any] = {"train_s": round(sum(result[f"stage{s}"].get("train_s", 0.0) for s in STAGES), 1)}
     out["val_accuracy"] = round(val["accuracy"], 4)
     out["val_image_accuracy"] = round(val["image_accuracy"] or 0.0, 4)
     out["compositional_accuracy"] = round(comp["accuracy"], 4)
@@ -107,13 +109,15 @@ def write_dialogues(model: Any, val: Path, folder: Path, n: int) -> dict[str, An
 
 
 def _section(result: dict[str, Any], val: dict[str, Any], comp: dict[str, Any], dialogues: dict[str, Any]) -> str:
+    from mmstack.train.llava import STAGES
+
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['accuracy']:.3f}</td><td>{v['n']}</td></tr>"
         for k, v in val["by_kind"].items()
     )
     stages = ", ".join(
         f"stage {s}: {result[f'stage{s}'].get('steps', 0)} steps in {result[f'stage{s}'].get('train_s', 0):.0f} s"
-        for s in (0, 1, 2)
+        for s in STAGES
         if not result[f"stage{s}"].get("skipped")
     )
     parts = [

@@ -1,7 +1,7 @@
 """RAG adaptation of a bridge VLM: teach a trained checkpoint the RAG prompt (numbered snippets with one image
 each, answers that cite ``[n]``) on conversations from ``mmstack.rag.training_data``.
 
-    summary = tune_for_rag("runs/vlm/stage2/model", "runs/vlm-rag", RagTuneConfig())
+    summary = tune_for_rag("runs/vlm/model", "runs/vlm-rag", RagTuneConfig())
 
 A world-trained VLM has a word-level vocabulary without the knowledge base's words ("exhibit", "hall",
 "[", numbers ...): those are added to its tokenizer as whole words and the LM's embeddings grow to match

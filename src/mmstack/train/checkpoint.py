@@ -124,7 +124,7 @@ def save_checkpoint(model: Any, out: Path, work: Path, card: dict[str, Any]) -> 
             if (work / name).is_file():
                 shutil.copy2(work / name, tmp / name)
         if (work / "train_state").is_dir():
-            shutil.copytree(work / "train_state", tmp / "train_state", copy_function=_link_or_copy)
+            shutil.copytree(work / "train_state", tmp / "train_state", copy_function=link_or_copy)
     if work != out:
         shutil.rmtree(work, ignore_errors=True)
     console.print(f"saved checkpoint {out}")
@@ -145,7 +145,8 @@ def save_finished_run(
     run_on_main(save)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (a copy across file systems): checkpoint files are never edited in place."""
     try:
         os.link(src, dst)
     except OSError:

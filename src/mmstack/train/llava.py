@@ -1,18 +1,22 @@
 """The llava recipe: train a bridge VLM in stages with the shared trainer.
 
     cfg = load_config(LlavaRecipeConfig, "configs/llava-demo.yaml")
-    train_llava(cfg, out="runs/vlm", stage="all")       # or stage 0, 1, 2
+    train_llava(cfg, out="runs/vlm", stage="all")       # or stage 0, 1, 2, 3
 
 - **stage 0** pretrains the tiny language model on the world's text (captions, questions, answers): it
   stands in for a pretrained LLM. Skipped when ``model.text.pretrained`` names a real one.
 - **stage 1** trains the connector alone on captions (vision encoder and LM frozen, larger lr).
 - **stage 2** trains the connector and the LM (full, or LoRA through peft), optionally the vision
   tower, on instruction conversations (and clips), with a smaller lr.
+- **stage 3** (off unless ``stage3.enabled``) is a short final phase on a re-weighted mixture at a small lr,
+  for what stage 2's mixture underweights: the demo spends it half on clip questions (motion).
 
 Each stage has its own data mixture (sources with repeat factors or weights), optional progressive
 resolution schedule and ``TrainConfig``. Stage ``s`` writes ``OUT/stage{s}/`` (``metrics.jsonl``,
 ``train_config.json``, ``train_state/`` for resume) and its checkpoint ``OUT/stage{s}/model``; the next
 stage starts from that checkpoint. A stage whose checkpoint exists for the same config is reused.
+``OUT/model`` is the final model: the last enabled stage's checkpoint (hard-linked), published once that
+stage is up to date (and removed while it is not, so it never names a stale stage).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
 
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -169,9 +173,14 @@ class LlavaRecipeConfig:
     stage0: StageSection = field(default_factory=_stage0_default)
     stage1: StageSection = field(default_factory=lambda: StageSection(data=[SourceSpec(kind="captions")]))
     stage2: StageSection = field(default_factory=lambda: StageSection(data=[SourceSpec()], language="full"))
+    stage3: StageSection = field(default_factory=lambda: StageSection(language="full", enabled=False))
 
     def stage(self, s: int) -> StageSection:
         return getattr(self, f"stage{s}")
+
+    def final_stage(self) -> int:
+        """The last enabled stage: its checkpoint is the run's final model (``OUT/model``)."""
+        return max(s for s in STAGES if self.stage(s).enabled)
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -356,7 +365,7 @@ def stage_dir(out: Path, s: int) -> Path:
 
 
 def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) -> dict[str, Any]:
-    """Train stage ``s`` (0, 1 or 2), starting from stage ``s - 1``'s checkpoint; returns its summary."""
+    """Train stage ``s`` (0 to 3), starting from stage ``s - 1``'s checkpoint; returns its summary."""
     stage = cfg.stage(s)
     run = stage_dir(out, s)
     if not stage.enabled or (s == 0 and cfg.model.text.pretrained):
@@ -395,7 +404,7 @@ def run_stage(cfg: LlavaRecipeConfig, s: int, out: Path, resume: bool = True) ->
         "trainable_parameters": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
         "parameters": count_parameters(model),
     }
-    if s == 2 and cfg.data.val:
+    if s >= 2 and cfg.data.val:  # stage 3's eval beside stage 2's shows what the final phase adds
         from mmstack.eval.vqa import evaluate_vqa
 
         result["val"] = evaluate_vqa(model, cfg.data.val, limit=cfg.data.val_limit or None)
@@ -408,7 +417,7 @@ def stage_run_config(cfg: LlavaRecipeConfig, s: int, out: Path) -> dict[str, Any
     (so editing stage 2 reuses stages 0 and 1, and retraining stage 0 invalidates 1 and 2)."""
     full = to_dict(cfg)
     deps = {k: full[k] for k in ("model", "processor")}
-    deps["data"] = {"train": full["data"]["train"], "val": full["data"]["val"] if s == 2 else None}
+    deps["data"] = {"train": full["data"]["train"], "val": full["data"]["val"] if s >= 2 else None}
     # Every stage's model carries the pretrained towers' weights: retraining them (a new demo CLIP) must
     # invalidate the stages even though their paths did not change.
     deps["weights"] = {t: fingerprint(getattr(cfg.model, t).pretrained) for t in ("vision", "text")}
@@ -431,8 +440,8 @@ def _initial_model(cfg: LlavaRecipeConfig, s: int, out: Path) -> BridgeModel:
         ckpt = stage_dir(out, prev) / "model"
         if ckpt.is_dir():
             return BridgeModel.from_pretrained(ckpt).train()
-    if s == 2 and not cfg.model.text.pretrained:
-        console.print("[yellow]stage 2 without earlier stages: training from a fresh model[/]")
+    if s >= 2 and not cfg.model.text.pretrained:
+        console.print(f"[yellow]stage {s} without earlier stages: training from a fresh model[/]")
     texts = _tokenizer_texts(cfg) if not cfg.model.text.pretrained else []
     return build_model(cfg, texts).train()
 
@@ -460,19 +469,55 @@ def _tokenizer_texts(cfg: LlavaRecipeConfig) -> list[str]:
 def train_llava(
     cfg: LlavaRecipeConfig, out: str | Path, stage: int | str = "all", resume: bool = True
 ) -> dict[str, Any]:
-    """Run one stage (0, 1, 2) or all of them in order; returns a summary per stage and the total time."""
+    """Run one stage (0 to 3) or all of them in order, then publish ``OUT/model``; returns a summary per
+    stage, the final model's path and the total time."""
     out = Path(out)
-    stages = STAGES if str(stage) == "all" else (int(stage),)
-    if any(s not in STAGES for s in stages):
-        raise ConfigError(f"--stage must be 0, 1, 2 or all, got {stage!r}")
+    stages = STAGES if str(stage) == "all" else (int(stage),) if str(stage).isdigit() else ()
+    if not stages or any(s not in STAGES for s in stages):
+        raise ConfigError(f"--stage must be 0, 1, 2, 3 or all, got {stage!r}")
     t0 = time.perf_counter()
     results = {f"stage{s}": run_stage(cfg, s, out, resume) for s in stages}
-    final = next(
-        (stage_dir(out, s) / "model" for s in reversed(STAGES) if (stage_dir(out, s) / "model").is_dir()), None
-    )
+    final = publish_final_model(cfg, out)
+    if final is None:  # the final stage is not up to date: point at what this call trained
+        final = next(
+            (stage_dir(out, s) / "model" for s in reversed(stages) if (stage_dir(out, s) / "model").is_dir()), None
+        )
     return {
         "out": str(out),
         "model": str(final) if final else None,
         "total_s": round(time.perf_counter() - t0, 2),
         **results,
     }
+
+
+def publish_final_model(cfg: LlavaRecipeConfig, out: Path) -> Path | None:
+    """Hard-link the last enabled stage's checkpoint to ``OUT/model`` when that stage is up to date (its
+    ``done.json`` key matches the config) and return that path; otherwise remove a stale ``OUT/model`` and
+    return None."""
+    from mmstack.train.checkpoint import link_or_copy
+    from mmstack.train.distributed import run_on_main
+    from mmstack.utils.atomic import atomic_dir
+
+    final, target = cfg.final_stage(), out / "model"
+    ckpt = stage_dir(out, final) / "model"
+    if ckpt.is_dir() and all(_up_to_date(cfg, out, s) for s in STAGES if s <= final):
+
+        def publish() -> None:
+            with atomic_dir(target) as tmp:
+                shutil.copytree(ckpt, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
+
+        run_on_main(publish)
+        return target
+    if target.is_dir():
+        console.print(f"[yellow]{target} removed: stage {final} is not up to date; run --stage all[/]")
+        run_on_main(lambda: shutil.rmtree(target, ignore_errors=True))
+    return None
+
+
+def _up_to_date(cfg: LlavaRecipeConfig, out: Path, s: int) -> bool:
+    """Stage ``s`` is skipped, or finished under its current config (which names the previous stage's key:
+    checked stage by stage from 0, this covers the whole chain)."""
+    if not cfg.stage(s).enabled or (s == 0 and cfg.model.text.pretrained):
+        return True
+    done = stage_dir(out, s) / "done.json"
+    return done.is_file() and json.loads(done.read_text()).get("key") == run_key(stage_run_config(cfg, s, out))

@@ -1,6 +1,6 @@
 """The DPO recipe: direct preference optimisation of a bridge VLM against a frozen reference copy.
 
-    cfg = load_config(DpoRecipeConfig, "configs/dpo-demo.yaml", overrides=["model=runs/vlm/stage2/model"])
+    cfg = load_config(DpoRecipeConfig, "configs/dpo-demo.yaml", overrides=["model=runs/vlm/model"])
     train_dpo(cfg, out="runs/dpo")            # -> runs/dpo/model (a bridge checkpoint)
 
 The reference is the start checkpoint, frozen. Its log-probabilities of every chosen and rejected answer

@@ -1,7 +1,7 @@
 """The PPO recipe: RLHF of a bridge VLM against a multimodal reward model (InstructGPT / LLaVA-RLHF).
 
     cfg = load_config(PpoRecipeConfig, "configs/ppo-demo.yaml",
-                      overrides=["model=runs/vlm/stage2/model", "reward=runs/reward/model"])
+                      overrides=["model=runs/vlm/model", "reward=runs/reward/model"])
     train_ppo(cfg, out="runs/ppo")            # -> runs/ppo/model (a bridge checkpoint)
 
 Four models: the policy (trained), a frozen reference copy of it, the frozen reward model, and a value

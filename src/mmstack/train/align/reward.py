@@ -1,6 +1,6 @@
 """The reward-model recipe: a bridge VLM + scalar head trained with the Bradley-Terry loss on preference pairs.
 
-    cfg = load_config(RewardRecipeConfig, "configs/reward-demo.yaml", overrides=["model=runs/vlm/stage2/model"])
+    cfg = load_config(RewardRecipeConfig, "configs/reward-demo.yaml", overrides=["model=runs/vlm/model"])
     train_reward(cfg, out="runs/reward")      # -> runs/reward/model (a RewardModel checkpoint)
 
 The reward model starts from the trained VLM (it already sees the images) with a new head. Each step
