@@ -63,6 +63,20 @@ def test_kl_is_zero_when_policy_equals_reference(micro):
     assert r.stats(0.3)["kl"] == 0.0
 
 
+def test_a_samples_reward_adds_its_log_likelihood_under_the_reward_model(micro):
+    from mmstack.models.reward import last_token_index
+
+    _, vlm, reward = micro
+    task, prompts = _task(vlm, reward, missing_eos_penalty=0.0)
+    r = task.rollout(prompts.batch(torch.arange(6)))
+    with torch.no_grad():
+        inputs = r.samples.model_inputs()
+        head = task.reward_model(**inputs).values[torch.arange(6), last_token_index(inputs["attention_mask"])]
+    # the reward model starts from the same VLM as the reference: its likelihood term is the reference's log-probs
+    answer = inputs["attention_mask"][:, r.samples.prompt_len :].bool()  # placeholders are not read back
+    assert torch.allclose(r.scores - head, (r.ref_logps * answer).sum(-1), atol=1e-4)
+
+
 def test_kl_grows_once_the_policy_moves(micro):
     _, vlm, reward = micro
     task, prompts = _task(vlm, reward)

@@ -1,5 +1,5 @@
-"""The multimodal reward model: last-token scores, padding, save/load, gradients, and a micro run in which
-the chosen answers' reward rises above the rejected ones'."""
+"""The multimodal reward model: last-token scores plus the answer's likelihood, padding, save/load, gradients,
+and a micro run in which the chosen answers' reward rises above the rejected ones'."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mmstack.config import configs_dir, load_config
 from mmstack.eval.alignment import pairwise_accuracy
 from mmstack.models.alignment_losses import bradley_terry_loss
 from mmstack.models.reward import RewardModel, last_token_index
-from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
+from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs, reward_inputs
 from mmstack.train.align.reward import RewardRecipeConfig, build_reward_model, train_reward
 
 
@@ -31,7 +31,9 @@ def test_last_token_index_for_left_right_and_no_padding():
     assert last_token_index(mask).tolist() == [2, 3, 3, 0]
 
 
-def test_reward_is_the_score_of_the_last_real_token_and_ignores_padding(reward_model, micro):
+def test_head_only_reward_is_the_score_of_the_last_real_token_and_ignores_padding(micro):
+    torch.manual_seed(0)
+    reward_model = RewardModel.from_bridge(micro[1], likelihood=False).eval()
     data = PreferenceBatches(load_preferences(micro[0], limit=4), reward_model.processor)
     batch = data.batch(torch.arange(4))  # 8 rows of different lengths, right-padded
     with torch.no_grad():
@@ -48,6 +50,34 @@ def test_reward_is_the_score_of_the_last_real_token_and_ignores_padding(reward_m
             assert alone.rewards.item() == pytest.approx(out.rewards[row].item(), abs=1e-5)
 
 
+def test_likelihood_term_adds_the_answers_log_probs_under_the_vlm(reward_model, micro):
+    from mmstack.errors import ModelError
+
+    data = PreferenceBatches(load_preferences(micro[0], limit=4), reward_model.processor)
+    batch = data.batch(torch.arange(4))
+    with torch.no_grad():
+        out = reward_model(**reward_inputs(batch))
+        logits = reward_model.vlm(**model_inputs(batch)).logits[:, :-1]  # the VLM's own next-token logits
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        expected = (logp * (labels != -100)).sum(-1)
+        lengths = batch["attention_mask"].sum(-1)
+        head = out.values[torch.arange(8), lengths - 1]
+        assert reward_model.likelihood_scale.item() == 1.0
+        assert torch.allclose(out.rewards - head, expected, atol=1e-4) and (expected < 0).all()
+        # the answer's log-probs do not depend on the padding of the other rows
+        n = int(lengths[5])
+        alone = reward_model(
+            **reward_inputs(
+                {k: batch[k][5:6, :n] for k in ("input_ids", "attention_mask", "labels")}
+                | {"pixel_values": batch["pixel_values"][5:6]}
+            )
+        )
+        assert alone.rewards.item() == pytest.approx(out.rewards[5].item(), abs=1e-4)
+    with pytest.raises(ModelError, match="pass answer_mask"):
+        _ = reward_model(**model_inputs(batch)).rewards
+
+
 @pytest.mark.parametrize("language", ["full", "lora"])
 def test_every_trainable_parameter_gets_a_gradient(micro, language):
     cfg = load_config(
@@ -55,11 +85,11 @@ def test_every_trainable_parameter_gets_a_gradient(micro, language):
     )
     rm = build_reward_model(cfg)
     data = PreferenceBatches(load_preferences(micro[0], limit=4), rm.processor)
-    chosen, rejected = rm(**model_inputs(data.batch(torch.arange(4)))).rewards.chunk(2)
+    chosen, rejected = rm(**reward_inputs(data.batch(torch.arange(4)))).rewards.chunk(2)
     bradley_terry_loss(chosen, rejected).backward()
     # the temporal embedding belongs to the connector but only clips reach it; preference pairs are images
     trainable = {n: p for n, p in rm.named_parameters() if p.requires_grad and n != "vlm.temporal_embedding"}
-    assert "score.weight" in trainable
+    assert "score.weight" in trainable and "likelihood_scale" in trainable
     missing = [n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing[:5]
 
@@ -75,7 +105,7 @@ def test_save_load_round_trip_through_mmstack_load(reward_model, micro, tmp_path
 
     images = [load_image(p.image) for p in prefs]
     args = ([p.prompt for p in prefs], [p.chosen for p in prefs], images)
-    assert torch.allclose(loaded.score_texts(*args), reward_model.score_texts(*args), atol=1e-6)
+    assert loaded.likelihood and torch.allclose(loaded.score_texts(*args), reward_model.score_texts(*args), atol=1e-6)
     assert "reward model" in (tmp_path / "rm" / "README.md").read_text()
 
 
@@ -89,7 +119,7 @@ def test_loading_a_bridge_checkpoint_as_reward_model_is_a_clear_error(micro):
 def test_micro_run_raises_chosen_reward_above_rejected(micro, tmp_path, run_cli):
     world, vlm = micro
     torch.manual_seed(0)
-    before = pairwise_accuracy(RewardModel.from_bridge(vlm), world)
+    before = pairwise_accuracy(RewardModel.from_bridge(vlm, likelihood=False), world)  # as reward-micro.yaml
     args = ["train", "reward", "--config", "reward-micro", "--model", vlm, "--data", world, "--out", tmp_path / "rm"]
     res = run_cli(*args, "--train.max_steps", "16", "--json")
     assert res.code == 0, res.err

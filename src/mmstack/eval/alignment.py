@@ -43,13 +43,13 @@ _WORD = re.compile(r"[a-z]+")
 @torch.inference_mode()
 def reward_scores(model: Any, data: Any, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and the rejected answer of every pair of a ``PreferenceBatches``: (N,), (N,)."""
-    from mmstack.train.align.data import model_inputs
+    from mmstack.train.align.data import reward_inputs
 
     model.eval()
     chosen, rejected = [], []
     for start in range(0, len(data), batch_size):
         batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        c, r = model(**model_inputs(batch)).rewards.chunk(2)
+        c, r = model(**reward_inputs(batch)).rewards.chunk(2)
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)

@@ -190,6 +190,11 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch.get(k) for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
+def reward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """``model_inputs`` plus the reward model's ``answer_mask`` (the tokens that carry labels)."""
+    return {**model_inputs(batch), "answer_mask": batch["labels"] != -100}
+
+
 class PromptBatches:
     """A ``BatchSource`` of the distinct (image, prompt) pairs of a preference set, for generation.
 

@@ -31,7 +31,7 @@ from mmstack.train.align.common import (
     require_bridge,
     reuse_or_restart,
 )
-from mmstack.train.align.data import PreferenceBatches, load_preferences, model_inputs
+from mmstack.train.align.data import PreferenceBatches, load_preferences, reward_inputs
 from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
@@ -44,9 +44,11 @@ def _default_train() -> TrainConfig:
 
 @dataclass
 class RewardRecipeConfig:
-    """A reward-model run: ``model`` (the bridge checkpoint to start from), what trains, data, optimisation."""
+    """A reward-model run: ``model`` (the bridge checkpoint to start from), what trains, data, optimisation;
+    ``likelihood`` adds the answer's log-likelihood under the model to the head's score (``RewardModel``)."""
 
     model: str = ""
+    likelihood: bool = True
     trainable: TrainableSection = field(default_factory=TrainableSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: AlignDataSection = field(default_factory=AlignDataSection)
@@ -59,7 +61,7 @@ class RewardTask(Task):
     progress_keys = ("accuracy", "margin")
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        rewards = self.model(**model_inputs(batch)).rewards
+        rewards = self.model(**reward_inputs(batch)).rewards
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected)
         with torch.no_grad():
@@ -76,7 +78,7 @@ def build_reward_model(cfg: RewardRecipeConfig) -> RewardModel:
     """The start checkpoint with its trainable parts set and a new scalar head."""
     vlm = require_bridge(cfg.model)
     apply_trainable(vlm, cfg.trainable, cfg.lora)
-    return RewardModel(vlm).train()
+    return RewardModel(vlm, cfg.likelihood).train()
 
 
 def train_reward(cfg: RewardRecipeConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:

@@ -113,7 +113,9 @@ def response_values(value_model: nn.Module, samples: Samples) -> torch.Tensor:
 def score_responses(reward_model: nn.Module, samples: Samples, missing_eos_penalty: float = 0.0) -> torch.Tensor:
     """Reward-model scores (B,) of the whole sequences; responses cut off before their end token lose
     ``missing_eos_penalty`` (the reward model only ever saw finished answers)."""
-    scores = reward_model(**samples.model_inputs()).rewards.float()
+    answer = torch.zeros_like(samples.attention_mask, dtype=torch.bool)
+    answer[:, samples.prompt_len :] = samples.attention_mask[:, samples.prompt_len :].bool()
+    scores = reward_model(**samples.model_inputs(), answer_mask=answer).rewards.float()
     return scores - missing_eos_penalty * (~samples.ended).float()
 
 
