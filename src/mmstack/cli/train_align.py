@@ -54,7 +54,7 @@ def train_reward(
     max_steps: int = MAX_STEPS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Train a multimodal reward model (bridge VLM + scalar head, Bradley-Terry loss).
+    """Train a multimodal reward model (bridge VLM + scalar head + the answer's likelihood, Bradley-Terry loss).
 
     Example: mmstack train reward --model runs/vlm/model --data world/train --val world/val --out runs/reward
     """

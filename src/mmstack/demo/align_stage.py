@@ -3,7 +3,7 @@
 The stage's config (the ``align:`` section of the demo YAML; defaults in brackets)::
 
     align:
-      vlm: models/vlm              # the vlm stage's run folder (its last stage's model is used) or a checkpoint
+      vlm: models/vlm              # the vlm stage's run folder (its final model, model/) or a checkpoint
       reward_config: reward-demo.yaml   # (smoke: reward-micro.yaml)
       dpo_config: dpo-demo.yaml         # (smoke: dpo-micro.yaml)
       ppo: false                   # also run PPO (ppo_config: ppo-demo.yaml) against the reward model
