@@ -231,6 +231,8 @@ def test_bad_configs_fail_clearly(world):
         _cfg(world, "stage1.data=[]")
     with pytest.raises(ConfigError, match="must train something"):
         _cfg(world, "stage1.train_connector=false")
+    with pytest.raises(ConfigError, match="enable at least one"):
+        _cfg(world, *(f"stage{s}.enabled=false" for s in range(4)))
     with pytest.raises(ConfigError, match="--stage must be 0, 1, 2, 3 or all"):
         train_llava(_cfg(world), "unused", 4)
 

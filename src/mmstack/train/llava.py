@@ -175,6 +175,10 @@ class LlavaRecipeConfig:
     stage2: StageSection = field(default_factory=lambda: StageSection(data=[SourceSpec()], language="full"))
     stage3: StageSection = field(default_factory=lambda: StageSection(language="full", enabled=False))
 
+    def __post_init__(self) -> None:
+        if not any(self.stage(s).enabled for s in STAGES):
+            raise ConfigError("every stage is disabled (stageN.enabled=false); enable at least one of stages 0-3")
+
     def stage(self, s: int) -> StageSection:
         return getattr(self, f"stage{s}")
 
@@ -491,9 +495,9 @@ def train_llava(
 
 
 def publish_final_model(cfg: LlavaRecipeConfig, out: Path) -> Path | None:
-    """Hard-link the last enabled stage's checkpoint to ``OUT/model`` when that stage is up to date (its
-    ``done.json`` key matches the config) and return that path; otherwise remove a stale ``OUT/model`` and
-    return None."""
+    """Hard-link the last enabled stage's checkpoint to ``OUT/model`` when every stage up to it is up to date
+    (its ``done.json`` key matches the config) and return that path; otherwise remove a stale ``OUT/model``
+    and return None."""
     from mmstack.train.checkpoint import link_or_copy
     from mmstack.train.distributed import run_on_main
     from mmstack.utils.atomic import atomic_dir
