@@ -102,9 +102,11 @@ def recipe_name(ctx: DemoContext, cfg: dict[str, Any], key: str, family: str) ->
 def vlm_checkpoint(path: Path, stage: str) -> Path:
     """A bridge checkpoint folder: ``path`` itself, or a llava run folder's final model (``model``, else its
     last stage's); a clear error naming ``stage`` when there is none."""
+    from mmstack.train.llava import STAGES
+
     if (path / "config.json").is_file():
         return path
-    for sub in ("model", "stage3/model", "stage2/model", "stage1/model", "stage0/model"):
+    for sub in ("model", *(f"stage{s}/model" for s in reversed(STAGES))):
         if (path / sub / "config.json").is_file():
             return path / sub
     raise ConfigError(f"demo stage {stage} needs the VLM at {path}; run the vlm stage first")

@@ -5,7 +5,7 @@
        (+ likelihood_scale * the answer's log-likelihood under the model's own LM head, ``likelihood``)
 
 The likelihood term (on by default; a learned scale starting at 1) is the VLM's own judgement of the answer, as
-DPO's implicit reward is: the demo VLM prefers the right description to one with a swapped shape 98% of the time
+DPO's implicit reward is: the demo VLM prefers the right description to one with a swapped shape 97-100% of the time
 by likelihood, while a head on the last token, trained with Bradley-Terry on 6,000 pairs, scored those pairs at
 chance (0.48-0.55) and all pairs 0.919; with the term, 0.986 (BENCHMARKS.md, session 19). Callers pass
 ``answer_mask`` (which tokens are the answer: ``labels != -100`` of a processor batch, a rollout's response) to
@@ -82,7 +82,6 @@ class RewardModel(nn.Module):
     def __init__(self, vlm: BridgeModel, likelihood: bool = True) -> None:
         super().__init__()
         self.vlm = vlm
-        self.likelihood = likelihood
         self.likelihood_scale = nn.Parameter(torch.tensor(1.0)) if likelihood else None
         self.score = nn.Linear(vlm.text_dim, 1)
         # A small head keeps the initial rewards near zero, so early Bradley-Terry gradients are balanced.
@@ -97,6 +96,11 @@ class RewardModel(nn.Module):
         """A reward model on top of a trained bridge VLM (a checkpoint folder or a model); the head is new."""
         vlm = path_or_model if isinstance(path_or_model, BridgeModel) else BridgeModel.from_pretrained(path_or_model)
         return cls(vlm, likelihood)
+
+    @property
+    def likelihood(self) -> bool:
+        """Whether the reward adds the answer's log-likelihood (saved in the checkpoint's config)."""
+        return self.likelihood_scale is not None
 
     @property
     def processor(self) -> Any:
