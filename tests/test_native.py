@@ -115,6 +115,32 @@ def test_forward_and_every_parameter_gets_a_gradient(head):
 
 
 @pytest.mark.parametrize("head", HEADS)
+def test_task_loss_on_selected_logits_equals_the_full_logits_loss(head):
+    """The task runs the head only where a target follows; its loss is the one from full-sequence logits."""
+    import torch.nn.functional as F
+
+    from mmstack.train.native import NativeTask
+    from mmstack.train.native_data import pad_examples
+
+    model = micro_model(head).eval()
+    v = model.vocab
+    codes = torch.randint(0, v.n_codes, (v.grid, v.grid), generator=torch.Generator().manual_seed(0))
+    group = pad_examples(
+        [v.build_sequence(t, model.encode_text(c), codes) for t, c in (("t2i", CAPTIONS[0]), ("i2t", CAPTIONS[1]))]
+    )
+    with torch.no_grad():
+        loss, _ = NativeTask(model, text_weight=2.0).loss({"image": group})
+        ids, mask = group["input_ids"], group["target_mask"][:, 1:]
+        logits = model(ids, attention_mask=group["attention_mask"]).logits[:, :-1][mask]
+        targets = ids[:, 1:][mask]
+        is_image = v.is_code(targets) | (targets == v.eol) | (targets == v.eoi)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        expected = (torch.where(is_image, 1.0, 2.0) * ce).sum() / len(targets)
+    assert bool(is_image.any()) and bool((~is_image).any())
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("head", HEADS)
 def test_codebook_init_gives_look_alike_codes_look_alike_embeddings(head):
     """code_init=codebook: each code's nearest code in embedding space (input and output rows) is its nearest
     code in the VQ codebook, and the rows keep the random init's scale; random init has neither property."""

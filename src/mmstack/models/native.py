@@ -205,11 +205,15 @@ class NativeModel(nn.Module):
         use_cache: bool = False,
         modality_types: torch.Tensor | None = None,
         block_positions: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> NativeOutput:
         """Logits for the token after each position of ``input_ids`` (B, L).
 
         ``modality_types`` and ``block_positions`` default to those read from ``input_ids``; incremental
         decoding passes them, since they depend on the blocks opened earlier in the sequence.
+        ``logits_mask`` (B, L) bool computes the head only where it is True (logits (N, V) for the N selected
+        positions, as HF's ``logits_to_keep``): training needs logits only where a target follows, and the
+        head over thousands of codes is a large share of a small decoder's step.
         """
         if int(input_ids.max()) >= self.vocab.size or int(input_ids.min()) < 0:
             raise ModelError(
@@ -223,10 +227,15 @@ class NativeModel(nn.Module):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
+        if logits_mask is not None:
+            return NativeOutput(
+                self.head_logits(hidden[logits_mask], input_ids[logits_mask]), hidden, out.past_key_values
+            )
         return NativeOutput(self.head_logits(hidden, input_ids), hidden, out.past_key_values)
 
     def head_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary float32 logits (B, L, V) from hidden states and the inputs that route the heads."""
+        """Full-vocabulary float32 logits (..., V) from hidden states (..., D) and the inputs (...) that route
+        the heads."""
         if self.config.head == "shared":
             return self.head(hidden).float()
         image_state = self.vocab.next_is_image(input_ids)[..., None]  # (B, L, 1)

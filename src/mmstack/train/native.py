@@ -110,10 +110,11 @@ class NativeTask(Task):
         sums = {"text": [0.0, 0], "image": [0.0, 0]}
         for group in batch.values():
             ids = group["input_ids"].to(self.device)
-            out = self.model(ids, attention_mask=group["attention_mask"].to(self.device))
             mask = group["target_mask"][:, 1:].to(self.device)  # token t+1 is predicted at position t
+            at = F.pad(mask, (0, 1))  # positions whose next token is a target: the head runs only there
+            out = self.model(ids, attention_mask=group["attention_mask"].to(self.device), logits_mask=at)
             targets = ids[:, 1:][mask]
-            ce = F.cross_entropy(out.logits[:, :-1][mask], targets, reduction="none")  # (N,)
+            ce = F.cross_entropy(out.logits, targets, reduction="none")  # (N,)
             is_image = vocab.is_code(targets) | (targets == vocab.eol) | (targets == vocab.eoi)
             weights = torch.where(is_image, self.image_weight, self.text_weight)
             total = total + (weights * ce).sum()
