@@ -113,7 +113,8 @@ class NativeConfig:
 @dataclass
 class NativeOutput:
     """``logits`` (B, L, V) float32 over the whole vocabulary (-inf outside the speaking head's group with
-    per-modality heads); ``hidden`` (B, L, D); ``past_key_values`` when ``use_cache``."""
+    per-modality heads), or (N, V) at the N positions a ``logits_mask`` selects; ``hidden`` (B, L, D);
+    ``past_key_values`` when ``use_cache``."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
