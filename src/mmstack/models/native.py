@@ -228,18 +228,15 @@ class NativeModel(nn.Module):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
-        if logits_mask is not None:
-            return NativeOutput(
-                self.head_logits(hidden[logits_mask], input_ids[logits_mask]), hidden, out.past_key_values
-            )
-        return NativeOutput(self.head_logits(hidden, input_ids), hidden, out.past_key_values)
+        keep = slice(None) if logits_mask is None else logits_mask
+        return NativeOutput(self.head_logits(hidden[keep], input_ids[keep]), hidden, out.past_key_values)
 
     def head_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits (..., V) from hidden states (..., D) and the inputs (...) that route
         the heads."""
         if self.config.head == "shared":
             return self.head(hidden).float()
-        image_state = self.vocab.next_is_image(input_ids)[..., None]  # (B, L, 1)
+        image_state = self.vocab.next_is_image(input_ids)[..., None]  # (..., 1)
         out = hidden.new_full((*hidden.shape[:-1], self.vocab.size), float("-inf"), dtype=torch.float32)
         out[..., self.text_ids] = self.heads["text"](hidden).float().masked_fill(image_state, float("-inf"))
         out[..., self.image_ids] = self.heads["image"](hidden).float().masked_fill(~image_state, float("-inf"))
