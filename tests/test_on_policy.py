@@ -79,6 +79,33 @@ def test_dpo_on_policy_samples_pairs_once_and_reuses_them_on_resume(micro, tmp_p
     assert train_dpo(both, tmp_path / "both")["pairs"] == sampled["pairs"] + len(read_preferences(world))
 
 
+def test_dpo_rounds_sample_each_round_from_the_previous_policy(micro, tmp_path):
+    from mmstack.train.align.common import fingerprint
+
+    world, vlm = micro
+    overrides = [f"model={vlm}", f"data.train={world}", "on_policy.scenes=6", "train.max_steps=3", "rounds=2"]
+    overrides += [f"eval.data={world}", "eval.limit=3", "eval.vqa=false"]
+    summary = train_dpo(load_config(DpoRecipeConfig, MICRO, overrides=overrides), tmp_path / "dpo")
+    first, last = summary["rounds"]
+    assert first["model"] == str(tmp_path / "dpo" / "round-1" / "model") and summary["model"] == last["model"]
+    assert last["model"] == str(tmp_path / "dpo" / "model")
+    # round 2 starts from round 1's policy: its start (and reference) is round 1's output, not the start model
+    card = (tmp_path / "dpo" / "model" / "README.md").read_text()
+    assert fingerprint(first["model"]) in card and fingerprint(vlm) not in card
+    # the summary compares the start model with the final policy; round 2's start is round 1's end
+    assert summary["eval"]["before"] == first["eval"]["before"] and summary["eval"]["after"] == last["eval"]["after"]
+    assert last["eval"]["before"] == first["eval"]["after"]
+    assert summary["train_s"] == pytest.approx(first["train_s"] + last["train_s"], abs=0.02)
+    # a rerun reuses both rounds
+    again = train_dpo(load_config(DpoRecipeConfig, MICRO, overrides=overrides), tmp_path / "dpo")
+    assert [r.get("cached") for r in again["rounds"]] == [True, True]
+
+
+def test_dpo_rounds_need_on_policy_pairs():
+    with pytest.raises(ConfigError, match=r"rounds: 2 .* needs on_policy\.scenes > 0"):
+        load_config(DpoRecipeConfig, MICRO, overrides=["rounds=2"])
+
+
 def test_on_policy_needs_a_world_folder(micro, tmp_path):
     world, vlm = micro
     overrides = [f"model={vlm}", f"data.train={world / 'preferences.jsonl'}", "on_policy.scenes=4"]

@@ -10,13 +10,17 @@ is not kept in memory while the policy trains. The policy trains fully or throug
 into the saved checkpoint). With ``eval.data`` (a world folder) the hallucination rate and VQA accuracy
 are measured before and after training. With ``on_policy.scenes: N`` the pairs are the start model's own
 wrong or hallucinating answers to N scenes of the world (``mmstack.train.align.on_policy``), optionally beside
-the scripted ones.
+the scripted ones. With ``rounds: R`` (and on-policy pairs) DPO is iterated: each round samples its pairs from
+the previous round's policy, which is also that round's frozen reference (iterative DPO: Xu et al. 2023,
+"Some things are more CRINGE than others"; Pang et al. 2024, "Iterative Reasoning Preference Optimization"), so a
+later round trains on the failures the earlier one left. Rounds before the last train in ``OUT/round-N``; the
+last in ``OUT``, so ``OUT/model`` is always the final policy.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ from mmstack.train.checkpoint import save_finished_run
 from mmstack.train.task import Task
 from mmstack.train.trainer import TrainConfig, Trainer
 from mmstack.utils.atomic import atomic_write_bytes
+from mmstack.utils.progress import console
 from mmstack.utils.seeding import seed_everything
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -92,7 +97,10 @@ def _default_train() -> TrainConfig:
 
 @dataclass
 class DpoRecipeConfig:
+    """A DPO run; ``rounds`` > 1 iterates it on fresh on-policy pairs (see the module docstring)."""
+
     model: str = ""
+    rounds: int = 1
     trainable: TrainableSection = field(default_factory=TrainableSection)
     lora: LoraSection = field(default_factory=LoraSection)
     dpo: DpoSection = field(default_factory=DpoSection)
@@ -100,6 +108,15 @@ class DpoRecipeConfig:
     on_policy: OnPolicySection = field(default_factory=OnPolicySection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainConfig = field(default_factory=_default_train)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and not self.on_policy.enabled:
+            raise ConfigError(
+                f"rounds: {self.rounds} samples each round's pairs from the previous policy, so it needs "
+                "on_policy.scenes > 0; set rounds: 1 to train on a preferences file"
+            )
 
 
 # ------------------------------------------------------------------------------------------ the task
@@ -212,8 +229,37 @@ def _preferences(
 
 
 def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
-    """Train (or reuse) a DPO policy into ``OUT/model``; returns the summary (with before/after eval)."""
+    """Train (or reuse) a DPO policy into ``OUT/model``; returns the summary (with before/after eval).
+
+    With ``cfg.rounds`` > 1 the summary is the last round's, with ``rounds`` (each round's summary) added and
+    ``eval`` comparing the start model with the final policy."""
     out = Path(out)
+    if cfg.rounds == 1:
+        return _train_round(cfg, out, resume)
+    rounds: list[dict[str, Any]] = []
+    model, before = cfg.model, None
+    for r in range(1, cfg.rounds + 1):
+        round_out = out if r == cfg.rounds else out / f"round-{r}"
+        console.print(f"dpo: round {r} of {cfg.rounds} from {model}")
+        summary = _train_round(replace(cfg, model=model, rounds=1), round_out, resume, before)
+        rounds.append(summary)
+        model = summary["model"]
+        before = (summary.get("eval") or {}).get("after")  # the next round starts from this policy
+    first, last = rounds[0].get("eval"), rounds[-1].get("eval")
+    combined = {**rounds[-1], "rounds": rounds, "train_s": round(sum(r["train_s"] for r in rounds), 2)}
+    if first and last:
+        from mmstack.eval.alignment import compare
+
+        combined["eval"] = {
+            "before": first["before"],
+            "after": last["after"],
+            "change": compare(first["before"], last["after"]),
+        }
+    return combined
+
+
+def _train_round(cfg: DpoRecipeConfig, out: Path, resume: bool, before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One DPO run from ``cfg.model`` into ``OUT``; ``before``: the start model's eval when already known."""
     train_path = cfg.data.require_train()
     run_config = {"recipe": to_dict(cfg), "model": fingerprint(cfg.model), "data": fingerprint(train_path)}
     key, cached = reuse_or_restart(out, run_config, "dpo", resume)
@@ -223,7 +269,8 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
     seed_everything(cfg.train.seed)
     policy = require_bridge(cfg.model)
     reference = frozen_reference(policy)
-    before = evaluate_policy(reference, cfg.eval)
+    if before is None:
+        before = evaluate_policy(reference, cfg.eval)
     prefs, sampled = _preferences(cfg, policy, train_path, out, run_config)
     data = PreferenceBatches(prefs, policy.processor, cfg.data.cache_dir(out))
     ref_key = run_key(
