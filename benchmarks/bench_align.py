@@ -108,7 +108,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     tag = "-quick" if quick else ""
     suffix = "micro" if quick else "demo"
     data = {"train": str(dirs["train"]), "cache": str(OUT / "cache")}
-    evaluation = {"data": str(dirs["val"]), "limit": 20 if quick else 300}
+    evaluation = {"data": str(dirs["val"]), "limit": 20 if quick else 0}  # 0: the whole val world
 
     reward_cfg = _recipe(
         RewardRecipeConfig, f"reward-{suffix}.yaml", {"model": str(vlm), "data": {**data, "val": str(dirs["val"])}}

@@ -96,6 +96,7 @@ def test_dpo_rounds_sample_each_round_from_the_previous_policy(micro, tmp_path):
     assert summary["eval"]["before"] == first["eval"]["before"] and summary["eval"]["after"] == last["eval"]["after"]
     assert last["eval"]["before"] == first["eval"]["after"]
     assert summary["train_s"] == pytest.approx(first["train_s"] + last["train_s"], abs=0.02)
+    assert summary["steps"] == first["steps"] + last["steps"] == 6
     # a rerun reuses both rounds
     again = train_dpo(load_config(DpoRecipeConfig, MICRO, overrides=overrides), tmp_path / "dpo")
     assert [r.get("cached") for r in again["rounds"]] == [True, True]

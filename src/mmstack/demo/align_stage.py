@@ -7,7 +7,7 @@ The stage's config (the ``align:`` section of the demo YAML; defaults in bracket
       reward_config: reward-demo.yaml   # (smoke: reward-micro.yaml)
       dpo_config: dpo-demo.yaml         # (smoke: dpo-micro.yaml)
       ppo: false                   # also run PPO (ppo_config: ppo-demo.yaml) against the reward model
-      eval_limit: 300              # val scenes for the hallucination/VQA comparison (smoke: 10)
+      eval_limit: 0                # val scenes for the hallucination/VQA comparison, 0: all (smoke: 10)
       overrides: {reward: {}, dpo: {}, ppo: {}}   # dotted-key dicts merged into each recipe
 
 It trains ``models/reward`` (pairwise accuracy on the val world's pairs) and ``models/vlm-dpo`` (hallucination
@@ -29,7 +29,7 @@ SMOKE = {
     "eval_limit": 10,
 }
 DEFAULTS = {
-    "eval_limit": 300,
+    "eval_limit": 0,  # the whole val world: 300 scenes said x0.53 where all 1,000 said x0.58 (session 20)
 }
 
 
@@ -131,6 +131,7 @@ def before_after_example(before: Path, after: Path, val: Path, folder: Path, sce
 def _section(reward: dict[str, Any], dpo: dict[str, Any], ppo: dict[str, Any] | None, ex: dict[str, Any]) -> str:
     change = dpo["eval"]["change"]
     kinds = ", ".join(f"{html.escape(k)} {v['accuracy']:.3f}" for k, v in reward["val"]["by_kind"].items())
+    rounds = f" over {len(dpo['rounds'])} rounds" if "rounds" in dpo else ""
 
     def answer(text: str, absent: list[str]) -> str:
         note = (
@@ -150,7 +151,7 @@ def _section(reward: dict[str, Any], dpo: dict[str, Any], ppo: dict[str, Any] | 
             if "vqa_before" in change
             else ""
         )
-        + f" on the val world ({dpo['steps']} steps in {dpo['train_s']:.0f} s).</p>",
+        + f" on the val world ({dpo['steps']} steps{rounds} in {dpo['train_s']:.0f} s).</p>",
     ]
     if ppo is not None:
         pc = ppo["eval"]["change"]

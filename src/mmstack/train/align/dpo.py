@@ -231,8 +231,8 @@ def _preferences(
 def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train (or reuse) a DPO policy into ``OUT/model``; returns the summary (with before/after eval).
 
-    With ``cfg.rounds`` > 1 the summary is the last round's, with ``rounds`` (each round's summary) added and
-    ``eval`` comparing the start model with the final policy."""
+    With ``cfg.rounds`` > 1 the summary is the last round's, with ``rounds`` (each round's summary) added,
+    ``steps`` and ``train_s`` summed over the rounds and ``eval`` comparing the start model with the final policy."""
     out = Path(out)
     if cfg.rounds == 1:
         return _train_round(cfg, out, resume)
@@ -246,7 +246,12 @@ def train_dpo(cfg: DpoRecipeConfig, out: str | Path, resume: bool = True) -> dic
         model = summary["model"]
         before = (summary.get("eval") or {}).get("after")  # the next round starts from this policy
     first, last = rounds[0].get("eval"), rounds[-1].get("eval")
-    combined = {**rounds[-1], "rounds": rounds, "train_s": round(sum(r["train_s"] for r in rounds), 2)}
+    combined = {
+        **rounds[-1],
+        "rounds": rounds,
+        "steps": sum(r["steps"] for r in rounds),
+        "train_s": round(sum(r["train_s"] for r in rounds), 2),
+    }
     if first and last:
         from mmstack.eval.alignment import compare
 
