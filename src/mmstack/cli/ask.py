@@ -20,7 +20,7 @@ def ask(
     ),
     rerank: bool = typer.Option(False, "--rerank/--no-rerank", help="Rerank fused sources by the two-tower score."),
     top_k: int = typer.Option(5, "--top-k", help="Fused sources kept and reported."),
-    context_k: int = typer.Option(3, "--context-k", help="Sources placed in the prompt as [1], [2], ..."),
+    context_k: int = typer.Option(1, "--context-k", help="Sources placed in the prompt as [1], [2], ..."),
     max_images: int = typer.Option(3, "--max-images", help="Source images placed in the prompt."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="Longest answer in tokens."),
     as_json: bool = JSON_OPTION,

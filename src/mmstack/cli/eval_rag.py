@@ -20,7 +20,7 @@ def eval_rag(
     dense: bool = typer.Option(
         None, "--dense/--no-dense", help="Patch scores in text -> image search (default: on for a region-trained CLIP)."
     ),
-    context_k: int = typer.Option(3, "--context-k", help="Sources placed in the prompt."),
+    context_k: int = typer.Option(1, "--context-k", help="Sources placed in the prompt."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also answer without retrieval."),
     out: Path = typer.Option(None, "--out", help="Keep the generated benchmark folder here."),
     as_json: bool = JSON_OPTION,

@@ -3,7 +3,7 @@ answered with their cited sources, and the world RAG benchmark against the no-re
 
 Config (``rag:`` in the demo YAML; defaults in brackets): ``clip`` [models/clip] and ``vlm``
 [models/vlm] (checkpoint folders, or the vlm run folder inside the demo folder), ``seed`` [0], ``records`` [50], ``questions``
-[100], ``context_k`` [3], ``tune_examples`` [4800] conversations of ``tune_turns`` [4] questions,
+[100], ``context_k`` [1], ``tune_examples`` [4800] conversations of ``tune_turns`` [4] questions,
 ``tune_steps`` [1200], ``tune_batch`` [16], ``tune_lr`` [1e-3], ``tune_precision`` [bf16], ``tune_split_digits``
 [false] (numbers read digit by digit, ``RagTuneConfig.split_digits``), ``tune_text_steps`` [800] and
 ``tune_text_batch`` [64] (a first phase on text-only conversations), ``tune_described`` [true] (their notes
@@ -77,7 +77,7 @@ def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
     tune_cfg = RagTuneConfig(
         n_examples=int(cfg.get("tune_examples", 4800)),
         turns=int(cfg.get("tune_turns", 4)),
-        context_k=int(cfg.get("context_k", 3)),
+        context_k=int(cfg.get("context_k", 1)),
         split_digits=bool(cfg.get("tune_split_digits", False)),
         text_steps=int(cfg.get("tune_text_steps", 800)),
         text_batch=int(cfg.get("tune_text_batch", 64)),
@@ -111,7 +111,7 @@ def _samples(ctx: DemoContext, clip: Path, vlm: Path, cfg: dict[str, Any]) -> tu
     kb = ctx.path("rag", "kb")
     seed = int(cfg.get("seed", 0)) + KB_SEED_OFFSET
     generate_rag_world(kb, n_records=int(cfg.get("records", 50)), n_questions=len(RAG_KINDS) * 2, seed=seed)
-    pipe = _pipeline(clip, vlm, kb / "pairs.jsonl", int(cfg.get("context_k", 3)))
+    pipe = _pipeline(clip, vlm, kb / "pairs.jsonl", int(cfg.get("context_k", 1)))
     rows = []
     for q in load_rag_questions(kb)[: len(RAG_KINDS) + 1]:
         item = RagItem.from_dict(q)
@@ -145,7 +145,7 @@ def _benchmark(clip: Path, vlm: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     from mmstack.eval.rag import run_rag_benchmark
     from mmstack.rag import PipelineConfig
 
-    k = int(cfg.get("context_k", 3))
+    k = int(cfg.get("context_k", 1))
     return run_rag_benchmark(
         vlm,
         clip,

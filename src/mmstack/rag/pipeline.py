@@ -68,6 +68,10 @@ class PipelineConfig:
         k_per_retriever: candidates each retriever returns.
         top_k: fused sources kept and reported (retrieval recall@K is measured on these).
         context_k: sources placed in the prompt as numbered snippets (the first ``context_k`` of ``top_k``).
+            Default 1: the demo VLM reads one exhibit's image far better than the right one among three (world
+            RAG benchmark, 500 questions: answer accuracy 0.87 against 0.71, attribute questions 0.67 against
+            0.42; BENCHMARKS.md, session 22), at the price of answers bounded by recall@1 (0.93). A VLM tuned
+            with ``RagTuneConfig.context_k`` N should be asked with the same N.
         max_images: source images placed in the prompt (of the first sources that have one).
         rrf_k: the k of reciprocal rank fusion.
         rerank_top: fused candidates the reranker re-sorts (when a reranker is set).
@@ -76,7 +80,7 @@ class PipelineConfig:
 
     k_per_retriever: int = 20
     top_k: int = 5
-    context_k: int = 3
+    context_k: int = 1
     max_images: int = 3
     rrf_k: int = RRF_K
     rerank_top: int = 20

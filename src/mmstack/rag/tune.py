@@ -56,7 +56,7 @@ class RagTuneConfig:
     n_examples: int = 3000
     turns: int = 4
     seed: int = 1000
-    context_k: int = 3
+    context_k: int = 1
     p_first: float = 0.5
     text_only: float = 0.5
     text_steps: int = 0
