@@ -60,6 +60,13 @@ def run(ctx: DemoContext, cfg: dict[str, Any]) -> StageResult:
     return StageResult(metrics=metrics, html=intro + samples_html, outputs=["models/vlm-rag", "rag/kb", *samples])
 
 
+def _context_k(cfg: dict[str, Any]) -> int:
+    """Sources per prompt, for tuning and asking alike (default: the pipeline's)."""
+    from mmstack.rag import PipelineConfig
+
+    return int(cfg.get("context_k", PipelineConfig.context_k))
+
+
 def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
     from mmstack.rag.tune import RagTuneConfig, tune_for_rag
     from mmstack.train.trainer import TrainConfig
@@ -77,7 +84,7 @@ def _tune(ctx: DemoContext, vlm: Path, cfg: dict[str, Any]) -> Path:
     tune_cfg = RagTuneConfig(
         n_examples=int(cfg.get("tune_examples", 4800)),
         turns=int(cfg.get("tune_turns", 4)),
-        context_k=int(cfg.get("context_k", 1)),
+        context_k=_context_k(cfg),
         split_digits=bool(cfg.get("tune_split_digits", False)),
         text_steps=int(cfg.get("tune_text_steps", 800)),
         text_batch=int(cfg.get("tune_text_batch", 64)),
@@ -111,7 +118,7 @@ def _samples(ctx: DemoContext, clip: Path, vlm: Path, cfg: dict[str, Any]) -> tu
     kb = ctx.path("rag", "kb")
     seed = int(cfg.get("seed", 0)) + KB_SEED_OFFSET
     generate_rag_world(kb, n_records=int(cfg.get("records", 50)), n_questions=len(RAG_KINDS) * 2, seed=seed)
-    pipe = _pipeline(clip, vlm, kb / "pairs.jsonl", int(cfg.get("context_k", 1)))
+    pipe = _pipeline(clip, vlm, kb / "pairs.jsonl", _context_k(cfg))
     rows = []
     for q in load_rag_questions(kb)[: len(RAG_KINDS) + 1]:
         item = RagItem.from_dict(q)
@@ -145,7 +152,7 @@ def _benchmark(clip: Path, vlm: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     from mmstack.eval.rag import run_rag_benchmark
     from mmstack.rag import PipelineConfig
 
-    k = int(cfg.get("context_k", 1))
+    k = _context_k(cfg)
     return run_rag_benchmark(
         vlm,
         clip,
