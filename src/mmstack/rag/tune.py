@@ -23,6 +23,7 @@ import torch
 from mmstack.config import to_dict
 from mmstack.errors import ConfigError
 from mmstack.processing.bridge_processor import IMAGE_TOKEN, VIDEO_TOKEN
+from mmstack.rag.pipeline import PipelineConfig
 from mmstack.rag.training_data import RagExample, RagTrainingSet, build_training_set, world_vocabulary
 from mmstack.train.trainer import TrainConfig
 from mmstack.utils.progress import console
@@ -56,7 +57,7 @@ class RagTuneConfig:
     n_examples: int = 3000
     turns: int = 4
     seed: int = 1000
-    context_k: int = 1
+    context_k: int = PipelineConfig.context_k  # tune as the pipeline asks
     p_first: float = 0.5
     text_only: float = 0.5
     text_steps: int = 0
