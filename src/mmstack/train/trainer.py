@@ -29,6 +29,7 @@ from rich.progress import TextColumn
 from mmstack.config import to_dict
 from mmstack.errors import ConfigError, ModelError
 from mmstack.train.attention import ATTENTION_CHOICES, AttentionChoice, set_attention
+from mmstack.train.compile import compiled_blocks
 from mmstack.train.distributed import PARALLEL_MODES, Parallel, barrier, init_distributed, mean_over_ranks
 from mmstack.train.optim import build_optimizer, build_scheduler
 from mmstack.train.sampler import DistInfo, StepSampler
@@ -53,7 +54,8 @@ class TrainConfig:
     ``none``; a single process ignores it. ``attention``: the HF attention kernel while training: ``auto``
     (HF encoders go ``eager`` on a CPU, where ``sdpa``'s backward is slow; decoders keep theirs; see
     ``mmstack.train.attention``), ``eager`` or ``sdpa``. ``group_by_length``: batches of items of similar
-    length (the data source must have ``lengths()``; see ``mmstack.train.sampler``).
+    length (the data source must have ``lengths()``; see ``mmstack.train.sampler``). ``compile``: run the
+    model's repeated blocks through ``torch.compile`` while training (see ``mmstack.train.compile``).
     """
 
     lr: float = 1e-3
@@ -74,6 +76,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp", "none"] = "ddp"
     attention: AttentionChoice = "auto"
     group_by_length: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -183,7 +186,7 @@ class Trainer:
         t_run = t_window = time.perf_counter()
         n_run = n_window = 0
         last_row: dict[str, float] = {}
-        with self._progress(start) as (progress, bar):
+        with compiled_blocks(self.task.model, self.cfg.compile), self._progress(start) as (progress, bar):
             while self.step < end:
                 metrics, n = self._train_one_step()
                 window.append(metrics)
