@@ -13,7 +13,6 @@ or its client leaving), and streamed rows get their text deltas as they grow.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -30,7 +29,7 @@ from mmstack.errors import ModelError
 from mmstack.serve.batching import log_failure
 from mmstack.serve.config import MediaConfig, ServeConfig
 from mmstack.serve.errors import APIError, ClientDisconnectedError, DeadlineExceededError, as_api_error
-from mmstack.serve.media import load_image_url
+from mmstack.serve.media import body_bytes, load_image_url, off_loop
 from mmstack.serve.running_batch import RunningBatch, supports_model
 from mmstack.serve.schemas import ChatMessage, ChatRequest
 from mmstack.serve.security import check_api_key
@@ -294,6 +293,23 @@ def _choose_per_row(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- requests
 
 
+def _prompt(svc: ChatService, messages: list[ChatMessage], media: MediaConfig, *prepare_args: Any) -> Any:
+    """The conversation's image decoded and its prompt prepared (blocking: see ``media.off_loop``)."""
+    turns, image = conversation(messages, media)
+    return svc.prepare(turns, image, *prepare_args)
+
+
+def image_urls(messages: list[ChatMessage]) -> list[Any]:
+    """The image URLs in ``messages``' content parts, in order."""
+    urls = []
+    for msg in messages:
+        for part in msg.content if isinstance(msg.content, list) else []:
+            p = part if isinstance(part, dict) else part.model_dump()
+            if p.get("type") != "text":
+                urls.append((p.get("image_url") or {}).get("url"))
+    return urls
+
+
 def conversation(messages: list[ChatMessage], media: MediaConfig) -> tuple[list[dict], Image.Image | None]:
     """OpenAI messages -> the processor's alternating turns and the conversation's one image.
 
@@ -352,8 +368,8 @@ async def chat_completions(body: ChatRequest, request: Request, state: ServerSta
     max_tokens, stop, sampling = _limits(body, state)
     ticket = svc.engine.admit()  # 429 here, before any image is decoded
     try:
-        turns, image = await asyncio.to_thread(conversation, body.messages, state.config.media)
-        prompt = await asyncio.to_thread(svc.prepare, turns, image, max_tokens, stop, sampling)
+        args = (svc, body.messages, state.config.media, max_tokens, stop, sampling)
+        prompt = await off_loop(_prompt, *args, body_bytes=body_bytes(request.headers), urls=image_urls(body.messages))
         job = ticket.submit(prompt, op="chat", group=sampling.group(), stream=body.stream)
     except BaseException:
         ticket.release()

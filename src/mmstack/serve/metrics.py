@@ -41,14 +41,25 @@ class ServeMetrics:
         )
         self.requests = Counter("mmstack_requests", "Requests answered", ["endpoint", "status"], registry=r)
         self.rejections = Counter("mmstack_rejected", "Requests refused or dropped", ["model", "reason"], registry=r)
+        # labelled children, looked up once: ``labels()`` cost as much as a Prometheus update itself, several
+        # times per request
+        self._children: dict[tuple, Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached."""
+        key = (metric._name, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def queue(self, model: str, pending: int, admitted: int) -> None:
-        self.queue_depth.labels(model).set(pending)
-        self.in_flight.labels(model).set(admitted)
+        self.child(self.queue_depth, model).set(pending)
+        self.child(self.in_flight, model).set(admitted)
 
     def batch(self, model: str, op: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(model, op).observe(size)
-        self.batch_seconds.labels(model, op).observe(seconds)
+        self.child(self.batch_size, model, op).observe(size)
+        self.child(self.batch_seconds, model, op).observe(seconds)
 
     def rejected(self, model: str, reason: str) -> None:
         self.rejections.labels(model, reason).inc()
@@ -77,9 +88,9 @@ class LatencyMiddleware:
                 status["code"] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+                self.metrics.child(self.metrics.latency, endpoint).observe(time.perf_counter() - t0)
 
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.child(self.metrics.requests, endpoint, str(status["code"])).inc()

@@ -9,7 +9,6 @@ server files as ``img:`` terms; a query image comes as a URL under the same rule
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import tempfile
@@ -25,7 +24,7 @@ from PIL import Image
 from mmstack.serve.batching import BatchingEngine
 from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
-from mmstack.serve.media import load_image_url
+from mmstack.serve.media import body_bytes, load_image_url, off_loop
 from mmstack.serve.schemas import SearchRequest
 from mmstack.serve.security import check_api_key
 from mmstack.serve.state import ServerState, get_state
@@ -176,7 +175,8 @@ async def search(body: SearchRequest, request: Request, state: ServerState = Dep
     with svc.engine.admit() as ticket:  # 429 here, before the query image is decoded
         if body.image:
             media = state.config.media
-            query.image = await asyncio.to_thread(load_image_url, body.image, media, "image")
+            size = body_bytes(request.headers)
+            query.image = await off_loop(load_image_url, body.image, media, "image", body_bytes=size, urls=[body.image])
         hits = await ticket.submit(query, op="search").result(request.is_disconnected)
     took = round(1000 * (time.perf_counter() - t0), 2)
     return JSONResponse({"object": "list", "collection": svc.name, "hits": hits, "took_ms": took})

@@ -11,8 +11,11 @@ from fastapi import Request
 from mmstack.serve.errors import APIError
 
 
-def check_api_key(request: Request) -> None:
-    """FastAPI dependency: when the server has a key, require ``Authorization: Bearer <key>`` (401 otherwise)."""
+async def check_api_key(request: Request) -> None:
+    """FastAPI dependency: when the server has a key, require ``Authorization: Bearer <key>`` (401 otherwise).
+
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    hand-off per request that cost more than the whole text-embedding model at batch 32 (BENCHMARKS.md)."""
     expected: str = request.app.state.serve.api_key
     if not expected:
         return

@@ -76,8 +76,8 @@ class ServerState:
             await svc.engine.stop()
 
 
-def get_state(request: Request) -> ServerState:
-    """FastAPI dependency: the server state of this app."""
+async def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the server state of this app (``async``: see ``security.check_api_key``)."""
     return request.app.state.serve
 
 
