@@ -240,3 +240,34 @@ def test_streaming_job_result_after_chunks():
         return chunks, final
 
     assert run(main()) == ([0, 1, 2], {"n": 3})
+
+
+def test_queue_gauges_read_the_engine_when_scraped():
+    from mmstack.serve.metrics import ServeMetrics
+
+    def gauges(metrics: ServeMetrics) -> tuple[float, float]:
+        text = metrics.render().decode()
+        read = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "fake" in line}
+        return read["mmstack_queue_depth"], read["mmstack_in_flight"]
+
+    async def main():
+        metrics = ServeMetrics()
+        release = threading.Event()
+        engine = BatchingEngine(
+            "fake", lambda jobs: [release.wait(5) for _ in jobs], BatchingConfig(max_batch_size=1), metrics
+        )
+        await engine.start()
+        assert gauges(metrics) == (0, 0)
+        tickets = [engine.admit() for _ in range(3)]
+        jobs = [t.submit(i) for i, t in enumerate(tickets)]
+        await asyncio.sleep(0.1)  # the first job blocks in the model, two wait
+        busy = gauges(metrics)
+        release.set()
+        await asyncio.gather(*(j.result() for j in jobs))
+        for t in tickets:
+            t.release()
+        await engine.stop()
+        return busy, gauges(metrics)
+
+    busy, idle = run(main())
+    assert busy == (2, 3) and idle == (0, 0)

@@ -193,6 +193,8 @@ class BatchingEngine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        if metrics is not None:
+            metrics.watch_queue(name, lambda: len(self._pending), lambda: self._admitted)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -239,7 +241,6 @@ class BatchingEngine:
                 headers={"Retry-After": str(self.retry_after())},
             )
         self._admitted += n
-        self._report()
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         return Ticket(self, n, time.monotonic() + timeout)
 
@@ -250,7 +251,6 @@ class BatchingEngine:
 
     def _release(self, n: int) -> None:
         self._admitted -= n
-        self._report()
         if self._wakeup is not None:
             self._wakeup.set()  # a batch waiting for company looks again
 
@@ -259,11 +259,6 @@ class BatchingEngine:
             raise RuntimeError(f"batching engine {self.name!r} is not started")
         self._pending.append(job)
         self._wakeup.set()
-        self._report()
-
-    def _report(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue(self.name, pending=len(self._pending), admitted=self._admitted)
 
     # ------------------------------------------------------------------------------------- batching
 
@@ -317,7 +312,6 @@ class BatchingEngine:
         """Drop cancelled/expired jobs at the head; True when a live job is waiting."""
         while self._pending and not self._pending[0].active:
             self._retire(self._pending.popleft())
-        self._report()
         return bool(self._pending)
 
     def _retire(self, job: Job) -> None:
@@ -341,7 +335,6 @@ class BatchingEngine:
             else:
                 rest.append(job)
         self._pending = rest
-        self._report()
         return batch
 
     def _execute(self, batch: list[Job]) -> list[Any]:

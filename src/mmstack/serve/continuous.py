@@ -50,17 +50,14 @@ class Feed:
         """Up to ``n`` waiting live jobs, oldest first (of any op or group)."""
         # Only this thread removes jobs while the worker runs and the event loop only appends: both are
         # atomic deque operations, so no lock is needed.
-        pending, jobs, dropped = self.engine._pending, [], False
+        pending, jobs = self.engine._pending, []
         while pending and len(jobs) < n and not self.stopping:
             job = pending.popleft()
             if job.active:
                 jobs.append(job)
                 self.open.add(job)
             else:
-                dropped = True
                 self._call(self.engine._retire, job)
-        if jobs or dropped:  # called at every decode step: wake the event loop only when the queue changed
-            self._call(self.engine._report)
         return jobs
 
     def finish(self, job: Job, outcome: Any, seconds: float | None = None) -> None:

@@ -11,6 +11,7 @@ so a streamed chat counts its whole stream.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,8 +23,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServeMetrics:
-    """The server's metrics in their own registry; the batching engine reports through ``queue``,
-    ``batch`` and ``rejected``."""
+    """The server's metrics in their own registry; a batching engine registers its queue with ``watch_queue``
+    and reports through ``batch`` and ``rejected``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -53,9 +54,11 @@ class ServeMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def queue(self, model: str, pending: int, admitted: int) -> None:
-        self.child(self.queue_depth, model).set(pending)
-        self.child(self.in_flight, model).set(admitted)
+    def watch_queue(self, model: str, pending: Callable[[], float], admitted: Callable[[], float]) -> None:
+        """Queue depth and items in flight of ``model``, read from these callables when scraped (nothing to
+        update per request)."""
+        self.child(self.queue_depth, model).set_function(pending)
+        self.child(self.in_flight, model).set_function(admitted)
 
     def batch(self, model: str, op: str, size: int, seconds: float) -> None:
         self.child(self.batch_size, model, op).observe(size)
