@@ -91,7 +91,7 @@ class ChatService:
     def prepare(
         self, turns: list[dict], image: Image.Image | None, max_tokens: int, stop: list[str], sampling: Sampling
     ) -> ChatPrompt:
-        """Template, tokenize and preprocess one conversation (blocking; run in a worker thread)."""
+        """Template, tokenize and preprocess one conversation (blocking: see ``media.off_loop``)."""
         batch = self.processor.prompts([turns], images=[image] if image is not None else None, padding_side="left")
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]  # (T,)
         pv = batch["pixel_values"]

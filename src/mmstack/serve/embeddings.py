@@ -1,8 +1,8 @@
 """``POST /v1/embeddings`` for two-tower models (CLIP/SigLIP): texts and images into one space.
 
 Each text and each image is one batching job; texts batch with texts and images with images, across
-requests. Images are decoded and resized in the request's worker thread (in parallel with the model);
-the batch only stacks, normalises and encodes. Vectors are L2-normalised, so dot products are cosines.
+requests. Images are decoded and resized before their job is queued (in a worker thread, in parallel with the
+model, or on the event loop when small: ``media.off_loop``); the batch only stacks, normalises and encodes. Vectors are L2-normalised, so dot products are cosines.
 """
 
 from __future__ import annotations
