@@ -271,3 +271,49 @@ def test_queue_gauges_read_the_engine_when_scraped():
 
     busy, idle = run(main())
     assert busy == (2, 3) and idle == (0, 0)
+
+
+def test_watch_disconnect_keeps_one_receive_pending_and_sees_the_client_leave():
+    from mmstack.serve.batching import watch_disconnect
+
+    async def main():
+        gone, calls = asyncio.Event(), []
+
+        async def receive() -> dict:
+            calls.append(1)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        check = watch_disconnect(receive)
+        before = [await check() for _ in range(5)]
+        gone.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return before, await check(), len(calls)
+
+    before, after, calls = run(main())
+    assert before == [False] * 5 and after is True
+    assert calls == 1  # five checks, one receive
+
+
+def test_a_job_is_dropped_when_its_watched_client_leaves():
+    from mmstack.serve.batching import watch_disconnect
+
+    async def main():
+        release, gone = threading.Event(), asyncio.Event()
+
+        async def receive() -> dict:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        engine = await _started(lambda jobs: [release.wait(5) for _ in jobs], max_batch_size=1)
+        with engine.admit() as first, engine.admit() as second:
+            first.submit("busy")  # holds the model
+            waiting = second.submit("waits")
+            asyncio.get_running_loop().call_later(0.1, gone.set)
+            with pytest.raises(ClientDisconnectedError):
+                await waiting.result(watch_disconnect(receive))
+            release.set()
+        await engine.stop()
+
+    run(main())

@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from mmstack.errors import ModelError
-from mmstack.serve.batching import log_failure
+from mmstack.serve.batching import log_failure, watch_disconnect
 from mmstack.serve.config import MediaConfig, ServeConfig
 from mmstack.serve.errors import APIError, ClientDisconnectedError, DeadlineExceededError, as_api_error
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
@@ -379,7 +379,7 @@ async def chat_completions(body: ChatRequest, request: Request, state: ServerSta
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _EventStream(_events(job, ticket, request, meta, include_usage), ticket)
     with ticket:
-        result: ChatResult = await job.result(request.is_disconnected)
+        result: ChatResult = await job.result(watch_disconnect(request.receive))
     message = {"role": "assistant", "content": result.text}
     return {
         **meta,
@@ -425,7 +425,7 @@ async def _events(job: Any, ticket: Any, request: Request, meta: dict, include_u
 
     try:
         yield _sse(chunk({"role": "assistant", "content": ""}))
-        async for delta in job.stream(request.is_disconnected):
+        async for delta in job.stream(watch_disconnect(request.receive)):
             yield _sse(chunk({"content": delta}))
         result: ChatResult = await job.result()
         yield _sse(chunk({}, result.finish_reason))

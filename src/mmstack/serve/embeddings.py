@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from mmstack.errors import ModelError
+from mmstack.serve.batching import watch_disconnect
 from mmstack.serve.config import MediaConfig, ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
@@ -94,7 +95,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Ser
             *(off_loop(svc.image_pixels, url, media, body_bytes=size, urls=[url]) for url in images)
         )
         jobs = [ticket.submit(t, op="text") for t in texts] + [ticket.submit(p, op="image") for p in pixels]
-        results = [await job.result(request.is_disconnected) for job in jobs]
+        gone = watch_disconnect(request.receive)
+        results = [await job.result(gone) for job in jobs]
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(vec, body.encoding_format)}
         for i, (vec, _) in enumerate(results)

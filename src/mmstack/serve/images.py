@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from mmstack.errors import ModelError
+from mmstack.serve.batching import watch_disconnect
 from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.schemas import ImageGenerationRequest
@@ -89,6 +90,7 @@ async def generate_images(body: ImageGenerationRequest, request: Request, state:
     group = svc.group(prompt)  # one group per request: its n images share a batch (and a seed's draws)
     with svc.engine.admit(body.n) as ticket:
         jobs = [ticket.submit(prompt, op="image", group=group) for _ in range(body.n)]
-        images = [await job.result(request.is_disconnected) for job in jobs]
+        gone = watch_disconnect(request.receive)
+        images = [await job.result(gone) for job in jobs]
     data = [{"b64_json": b64, "revised_prompt": None} for b64 in images]
     return JSONResponse({"created": int(time.time()), "data": data, "model": svc.name, "size": svc.size})

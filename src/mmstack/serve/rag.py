@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from mmstack.serve.batching import BatchingEngine
+from mmstack.serve.batching import BatchingEngine, watch_disconnect
 from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
@@ -79,5 +79,7 @@ async def rag(body: RagRequest, request: Request, state: ServerState = Depends(g
         if body.image:
             args = (body.image, state.config.media, "image")
             image = await off_loop(load_image_url, *args, body_bytes=body_bytes(request.headers), urls=[body.image])
-        result = await ticket.submit((body.question, image, max_tokens), op="rag").result(request.is_disconnected)
+        result = await ticket.submit((body.question, image, max_tokens), op="rag").result(
+            watch_disconnect(request.receive)
+        )
     return JSONResponse({"object": "rag.answer", "collection": body.collection, "model": svc.chat.name, **result})

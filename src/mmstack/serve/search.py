@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from mmstack.serve.batching import BatchingEngine
+from mmstack.serve.batching import BatchingEngine, watch_disconnect
 from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
@@ -177,6 +177,6 @@ async def search(body: SearchRequest, request: Request, state: ServerState = Dep
             media = state.config.media
             size = body_bytes(request.headers)
             query.image = await off_loop(load_image_url, body.image, media, "image", body_bytes=size, urls=[body.image])
-        hits = await ticket.submit(query, op="search").result(request.is_disconnected)
+        hits = await ticket.submit(query, op="search").result(watch_disconnect(request.receive))
     took = round(1000 * (time.perf_counter() - t0), 2)
     return JSONResponse({"object": "list", "collection": svc.name, "hits": hits, "took_ms": took})
