@@ -62,6 +62,8 @@ def test_missing_or_wrong_key_is_401(server):
         _client(server, "wrong-key").models.list()
     assert len(_client(server).models.list().data) == 2
     assert httpx.get(server.url + "/healthz").status_code == 200  # health checks need no key
+    r = httpx.post(server.url + "/v1/embeddings", content=b"x" * 1_000_000)  # over the body limit, and no key:
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"  # refused before the body is read
 
 
 def test_file_outside_roots_is_400(server):
@@ -125,7 +127,8 @@ def test_request_errors_are_openai_shaped(server):
     assert r.status_code == 400 and _error(r)["param"] == "max_tokens"
     r = httpx.post(server.url + "/v1/embeddings", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400
-    assert httpx.get(server.url + "/v1/nothing-here").status_code == 404
+    assert httpx.get(server.url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert httpx.get(server.url + "/v1/nothing-here").status_code == 401  # no key: nothing is told about /v1/
 
 
 def test_forged_placeholders_are_removed(server):

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -26,8 +26,8 @@ from mmstack.serve import chat, embeddings, images, rag, search
 from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError, as_api_error
 from mmstack.serve.metrics import CONTENT_TYPE, LatencyMiddleware, ServeMetrics
-from mmstack.serve.security import BodyLimitMiddleware, check_api_key
-from mmstack.serve.state import ServerState, build_service, get_state, load_services
+from mmstack.serve.security import ApiKeyMiddleware, BodyLimitMiddleware
+from mmstack.serve.state import ServerState, build_service, load_services, state_of
 
 log = logging.getLogger("mmstack.serve")
 STATIC = Path(__file__).parent / "static"
@@ -84,8 +84,9 @@ def create_app(
     for module in (embeddings, chat, images, search, rag):
         app.include_router(module.router)
     _add_info_routes(app, config)
-    # Added last = outermost: latency covers refused bodies too.
+    # Added last = outermost: latency covers refused requests too; the key is checked before a body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.security.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=state.api_key or "")
     app.add_middleware(LatencyMiddleware, metrics=metrics, endpoints=ENDPOINTS)
     return app
 
@@ -127,7 +128,8 @@ def _add_info_routes(app: FastAPI, config: ServeConfig) -> None:
     started = int(time.time())
 
     @app.get("/healthz")
-    async def healthz(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    async def healthz(request: Request) -> dict[str, Any]:
+        state = state_of(request)
         return {
             "status": "ok",
             "models": {n: {"family": s.family, "queued": s.engine.admitted} for n, s in state.services.items()},
@@ -135,11 +137,12 @@ def _add_info_routes(app: FastAPI, config: ServeConfig) -> None:
         }
 
     @app.get("/metrics")
-    async def metrics(state: ServerState = Depends(get_state)) -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    async def metrics(request: Request) -> Response:
+        return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
-    async def list_models(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        state = state_of(request)
         data = [
             {
                 "id": name,
@@ -153,8 +156,9 @@ def _add_info_routes(app: FastAPI, config: ServeConfig) -> None:
         ]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/collections", dependencies=[Depends(check_api_key)])
-    async def list_collections(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    @app.get("/v1/collections")
+    async def list_collections(request: Request) -> dict[str, Any]:
+        state = state_of(request)
         return {"object": "list", "data": [search.describe(name, c) for name, c in state.collections.items()]}
 
     if config.web:

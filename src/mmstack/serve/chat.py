@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
@@ -32,8 +32,7 @@ from mmstack.serve.errors import APIError, ClientDisconnectedError, DeadlineExce
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
 from mmstack.serve.running_batch import RunningBatch, supports_model
 from mmstack.serve.schemas import ChatMessage, ChatRequest
-from mmstack.serve.security import check_api_key
-from mmstack.serve.state import ServerState, get_state
+from mmstack.serve.state import ServerState, state_of
 
 router = APIRouter()
 
@@ -362,8 +361,9 @@ def _limits(body: ChatRequest, state: ServerState) -> tuple[int, list[str], Samp
     return max_tokens, stop, Sampling(temperature, body.top_p or 1.0, body.seed, body.ignore_eos)
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
-async def chat_completions(body: ChatRequest, request: Request, state: ServerState = Depends(get_state)):
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    state = state_of(request)
     svc = state.service(body.model, "chat")
     max_tokens, stop, sampling = _limits(body, state)
     ticket = svc.engine.admit()  # 429 here, before any image is decoded

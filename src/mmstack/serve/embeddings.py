@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mmstack.errors import ModelError
@@ -24,8 +24,7 @@ from mmstack.serve.config import MediaConfig, ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
 from mmstack.serve.schemas import EmbeddingRequest
-from mmstack.serve.security import check_api_key
-from mmstack.serve.state import ServerState, get_state
+from mmstack.serve.state import state_of
 
 router = APIRouter()
 
@@ -78,8 +77,9 @@ def _encode(vec: np.ndarray, fmt: str) -> Any:
     )  # orjson writes each float32 in its shortest form, which reads back exactly
 
 
-@router.post("/v1/embeddings", dependencies=[Depends(check_api_key)])
-async def create_embeddings(body: EmbeddingRequest, request: Request, state: ServerState = Depends(get_state)):
+@router.post("/v1/embeddings")
+async def create_embeddings(body: EmbeddingRequest, request: Request):
+    state = state_of(request)
     svc = state.service(body.model, "embeddings")
     texts, images = _texts(body), list(body.images or [])
     if not texts and not images:

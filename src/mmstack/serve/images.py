@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mmstack.errors import ModelError
@@ -25,8 +25,7 @@ from mmstack.serve.batching import watch_disconnect
 from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.schemas import ImageGenerationRequest
-from mmstack.serve.security import check_api_key
-from mmstack.serve.state import ServerState, get_state
+from mmstack.serve.state import state_of
 
 router = APIRouter()
 DEFAULT_GUIDANCE = 3.0
@@ -81,8 +80,9 @@ def _check(body: ImageGenerationRequest, svc: ImageService) -> None:
         raise APIError(f"model {svc.name!r} draws {svc.size} images; omit size or ask for {svc.size}", param="size")
 
 
-@router.post("/v1/images/generations", dependencies=[Depends(check_api_key)])
-async def generate_images(body: ImageGenerationRequest, request: Request, state: ServerState = Depends(get_state)):
+@router.post("/v1/images/generations")
+async def generate_images(body: ImageGenerationRequest, request: Request):
+    state = state_of(request)
     svc: ImageService = state.service(body.model, "images")
     _check(body, svc)
     guidance = DEFAULT_GUIDANCE if body.guidance_scale is None else body.guidance_scale

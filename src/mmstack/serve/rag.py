@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mmstack.serve.batching import BatchingEngine, watch_disconnect
@@ -19,8 +19,7 @@ from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
 from mmstack.serve.schemas import RagRequest
-from mmstack.serve.security import check_api_key
-from mmstack.serve.state import ServerState, get_state
+from mmstack.serve.state import ServerState, state_of
 
 router = APIRouter()
 
@@ -67,8 +66,9 @@ async def _service(state: ServerState, collection: str, model: str | None) -> Ra
     return state.rag[key]
 
 
-@router.post("/v1/rag", dependencies=[Depends(check_api_key)])
-async def rag(body: RagRequest, request: Request, state: ServerState = Depends(get_state)):
+@router.post("/v1/rag")
+async def rag(body: RagRequest, request: Request):
+    state = state_of(request)
     svc = await _service(state, body.collection, body.model)
     limit = state.config.generation.max_tokens_limit
     max_tokens = body.max_tokens or svc.max_tokens_default

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
@@ -26,8 +26,7 @@ from mmstack.serve.config import ServeConfig
 from mmstack.serve.errors import APIError
 from mmstack.serve.media import body_bytes, load_image_url, off_loop
 from mmstack.serve.schemas import SearchRequest
-from mmstack.serve.security import check_api_key
-from mmstack.serve.state import ServerState, get_state
+from mmstack.serve.state import state_of
 
 router = APIRouter()
 THUMBNAIL_PX = 128
@@ -167,8 +166,9 @@ def _query(body: SearchRequest) -> SearchQuery:
     )
 
 
-@router.post("/v1/search", dependencies=[Depends(check_api_key)])
-async def search(body: SearchRequest, request: Request, state: ServerState = Depends(get_state)):
+@router.post("/v1/search")
+async def search(body: SearchRequest, request: Request):
+    state = state_of(request)
     svc = state.collection(body.collection)
     query = _query(body)
     t0 = time.perf_counter()

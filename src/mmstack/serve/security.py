@@ -1,4 +1,4 @@
-"""Request guards: the optional Bearer API key and the request body size limit."""
+"""Request guards (ASGI middleware): the optional Bearer API key and the request body size limit."""
 
 from __future__ import annotations
 
@@ -6,30 +6,47 @@ import hmac
 import json
 from typing import Any
 
-from fastapi import Request
-
 from mmstack.serve.errors import APIError
 
 
-async def check_api_key(request: Request) -> None:
-    """FastAPI dependency: when the server has a key, require ``Authorization: Bearer <key>`` (401 otherwise).
+class ApiKeyMiddleware:
+    """ASGI middleware: when the server has a key, every ``/v1/`` request needs ``Authorization: Bearer <key>``
+    (401 otherwise, before the body is read). The page, ``/healthz`` and ``/metrics`` stay open.
 
-    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
-    hand-off per request that cost more than the whole text-embedding model at batch 32 (BENCHMARKS.md)."""
-    expected: str = request.app.state.serve.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    # compare_digest: the time taken does not reveal how much of the key was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise APIError(
-            "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
-            status=401,
-            type="authentication_error",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    A middleware rather than a FastAPI dependency: one check per request in one place, without the dependency
+    machinery's per-request cost on the hot endpoints (BENCHMARKS.md, session 23).
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.expected and scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            # compare_digest: the time taken does not reveal how much of the key was right.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
+                err = APIError(
+                    "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
+                    status=401,
+                    type="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await send_error(send, err)
+                return
+        await self.app(scope, receive, send)
+
+
+async def send_error(send: Any, err: APIError, close: bool = False) -> None:
+    """Answer with ``err`` as an OpenAI-style JSON error, straight on the ASGI channel."""
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in (err.headers or {}).items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -70,11 +87,7 @@ class BodyLimitMiddleware:
             status=413,
             code="request_too_large",
         )
-        body = json.dumps(err.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, err, close=True)
 
 
 def _replay(body: bytes, receive: Any) -> Any:

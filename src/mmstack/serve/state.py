@@ -76,8 +76,8 @@ class ServerState:
             await svc.engine.stop()
 
 
-async def get_state(request: Request) -> ServerState:
-    """FastAPI dependency: the server state of this app (``async``: see ``security.check_api_key``)."""
+def state_of(request: Request) -> ServerState:
+    """The server state of the app serving ``request``."""
     return request.app.state.serve
 
 
