@@ -2,7 +2,8 @@
 
 Each text and each image is one batching job; texts batch with texts and images with images, across
 requests. Images are decoded and resized before their job is queued (in a worker thread, in parallel with the
-model, or on the event loop when small: ``media.off_loop``); the batch only stacks, normalises and encodes. Vectors are L2-normalised, so dot products are cosines.
+model, or on the event loop when small: ``media.off_loop``); the batch only stacks, normalises and encodes.
+Vectors are L2-normalised, so dot products are cosines.
 """
 
 from __future__ import annotations
@@ -72,9 +73,8 @@ def _texts(req: EmbeddingRequest) -> list[str]:
 def _encode(vec: np.ndarray, fmt: str) -> Any:
     if fmt == "base64":  # what the official client asks for by default: little-endian float32 bytes
         return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
-    return np.asarray(
-        vec, dtype=np.float32
-    )  # orjson writes each float32 in its shortest form, which reads back exactly
+    # orjson writes each float32 in its shortest form, which reads back exactly
+    return np.asarray(vec, dtype=np.float32)
 
 
 @router.post("/v1/embeddings")
