@@ -53,14 +53,15 @@ def watch_disconnect(receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awa
     waiting request that cost 0.7 ms of event loop per 16-token chat (BENCHMARKS.md, session 23), and it grows
     with the queue.
     """
-    pending: list[asyncio.Future] = []
+    pending: asyncio.Future | None = None
 
     async def disconnected() -> bool:
-        if not pending:
-            pending.append(asyncio.ensure_future(receive()))
-        if not pending[0].done():
+        nonlocal pending
+        if pending is None:
+            pending = asyncio.ensure_future(receive())
+        if not pending.done():
             return False
-        message = pending.pop().result()
+        message, pending = pending.result(), None  # anything but a disconnect: watch again at the next check
         return message.get("type") == "http.disconnect"
 
     return disconnected

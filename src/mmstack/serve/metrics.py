@@ -48,7 +48,7 @@ class ServeMetrics:
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached."""
-        key = (metric._name, *labels)
+        key = (id(metric), *labels)  # the metrics live as long as this object
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
@@ -65,7 +65,7 @@ class ServeMetrics:
         self.child(self.batch_seconds, model, op).observe(seconds)
 
     def rejected(self, model: str, reason: str) -> None:
-        self.rejections.labels(model, reason).inc()
+        self.child(self.rejections, model, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,12 +2,13 @@
 
 ``train.compile: true`` compiles every layer of every ``nn.ModuleList`` of same-class blocks (a decoder's
 or a vision tower's layers) with dynamic shapes, as PyTorch's "regional compilation" recipe does: the layers
-share one compiled graph, so the compile costs one block's worth of time (about 25 s on 2 CPU cores for a
+share one compiled graph, so the compile costs one block's worth of time (about 25-40 s on 2 CPU cores for a
 LLaMA layer, forward and backward) and batches of any length reuse it. Inductor fuses the element-wise work
 around the matmuls (RMSNorm, rotary embeddings, SwiGLU, residual adds) that eager mode runs as separate
-memory-bound kernels; on the demo VLM's stage 2 (a 4-layer, 128-wide LLaMA, 2 CPU cores) that made a step
-about 1.35x faster (BENCHMARKS.md). The rest of the model (embeddings, connectors, heads, losses) stays eager,
-so data-dependent code (``<image>`` scattering, masks) never breaks a graph.
+memory-bound kernels; on 2 CPU cores that made a step of the demo VLM's stage 2 (a 4-layer, 128-wide LLaMA)
+1.12x faster and one of the native decoder 1.22x (BENCHMARKS.md, session 23). The rest of the model
+(embeddings, connectors, heads, losses) stays eager, so data-dependent code (``<image>`` scattering, masks)
+never breaks a graph.
 
 Compilation is undone when training ends (``compiled_blocks`` is a context manager): evaluation, generation
 with a KV cache and saving see the eager model. State dicts are unchanged (``nn.Module.compile`` does not wrap).
