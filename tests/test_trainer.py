@@ -193,3 +193,69 @@ def test_bad_train_configs_and_data():
         TrainConfig(lr=0)
     with pytest.raises(DataError, match="fewer than one batch"):
         StepSampler(10, 32, seed=0)
+    with pytest.raises(ConfigError, match=r"train\.optimizer must be adamw or muon"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ConfigError, match=r"use train\.parallel=ddp"):
+        TrainConfig(optimizer="muon", parallel="fsdp")
+
+
+# ------------------------------------------------------------------------------------------- muon
+
+
+def test_muon_takes_the_hidden_matrices_and_leaves_embeddings_and_heads_to_adamw():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmstack.train.muon import hidden_matrices
+
+    for tied in (True, False):
+        cfg = LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=tied,
+        )  # fmt: skip
+        lm = LlamaForCausalLM(cfg)
+        chosen = {name for name, p in lm.named_parameters() if id(p) in hidden_matrices(lm)}
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        assert chosen == {f"model.layers.{i}.{kind}.{p}.weight" for i in range(2) for kind, ps in
+                          (("self_attn", projections[:4]), ("mlp", projections[4:])) for p in ps}  # fmt: skip
+        assert id(lm.lm_head.weight) not in hidden_matrices(lm)
+
+
+def test_muon_orthogonalises_matrix_updates_and_adamw_moves_the_rest():
+    from mmstack.train.muon import MuonAdamW
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 32)
+    u, _ = torch.linalg.qr(torch.randn(32, 16))
+    v, _ = torch.linalg.qr(torch.randn(16, 16))
+    layer.weight.grad = u @ torch.diag(torch.logspace(1, -1, 16)) @ v.T  # condition number 100
+    layer.bias.grad = torch.ones(32)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = MuonAdamW(
+        [{"params": list(layer.parameters()), "weight_decay": 0.0}], {id(layer.weight)}, 0.01, (0.9, 0.98), 1e-8
+    )
+    opt.step()
+    singular = torch.linalg.svdvals(layer.weight.detach() - w0)
+    assert singular.max() / singular.min() < 3  # every direction moves about equally, not by the gradient's scale
+    assert torch.allclose(layer.bias.detach() - b0, torch.full((32,), -0.01), atol=1e-4)  # Adam's first step: lr * sign
+
+
+def test_muon_run_follows_the_schedule_and_resumes_exactly(tmp_path):
+    full = make_trainer(tmp_path / "full", max_steps=6, save_every=2, optimizer="muon")
+    full.fit()
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * warmup_cosine(s, 2, 6) for s in range(6)])
+
+    def shares_groups(opt) -> bool:  # the scheduler sets the outer groups' lr: the inner optimisers must see it
+        inner = opt.muon.param_groups + opt.adamw.param_groups
+        return len(inner) == len(opt.param_groups) and all(a is b for a, b in zip(inner, opt.param_groups, strict=True))
+
+    assert shares_groups(full.optimizer)
+    make_trainer(tmp_path / "cut", max_steps=6, save_every=2, optimizer="muon").fit(stop_at_step=4)
+    resumed = make_trainer(tmp_path / "cut", seed=7, max_steps=6, save_every=2, optimizer="muon")
+    assert resumed.fit().start_step == 4
+    assert shares_groups(resumed.optimizer)
+    assert all(
+        torch.equal(a, b) for a, b in zip(full.task.model.parameters(), resumed.task.model.parameters(), strict=True)
+    )
+    with pytest.raises(ConfigError, match=r"train\.optimizer="):
+        make_trainer(tmp_path / "cut", max_steps=8).fit()  # an AdamW run cannot continue Muon state

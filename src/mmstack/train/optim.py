@@ -1,4 +1,4 @@
-"""AdamW with decay/no-decay parameter groups and the linear-warmup + cosine learning-rate schedule."""
+"""AdamW (or Muon + AdamW) with decay/no-decay parameter groups and the linear-warmup + cosine LR schedule."""
 
 from __future__ import annotations
 
@@ -39,11 +39,25 @@ def trainable_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
-    """AdamW over ``groups`` (each carries its own weight_decay)."""
+def build_optimizer(
+    groups: list[dict],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    kind: str = "adamw",
+    model: nn.Module | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (each carries its own weight_decay); ``kind="muon"``: Muon on ``model``'s hidden
+    matrices and AdamW on the rest (see ``mmstack.train.muon``)."""
     groups = trainable_groups(groups)
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
+    if kind == "muon":
+        from mmstack.train.muon import MuonAdamW, hidden_matrices
+
+        if model is None:
+            raise ValueError("train.optimizer=muon needs the model to find its hidden matrices")
+        return MuonAdamW(groups, hidden_matrices(model), lr=lr, betas=betas, eps=eps)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 

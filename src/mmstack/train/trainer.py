@@ -56,6 +56,8 @@ class TrainConfig:
     ``mmstack.train.attention``), ``eager`` or ``sdpa``. ``group_by_length``: batches of items of similar
     length (the data source must have ``lengths()``; see ``mmstack.train.sampler``). ``compile``: run the
     model's repeated blocks through ``torch.compile`` while training (see ``mmstack.train.compile``).
+    ``optimizer``: ``adamw``, or ``muon`` (Muon on the hidden matrices, AdamW on the rest, one learning rate;
+    see ``mmstack.train.muon``).
     """
 
     lr: float = 1e-3
@@ -77,6 +79,7 @@ class TrainConfig:
     attention: AttentionChoice = "auto"
     group_by_length: bool = False
     compile: bool = False
+    optimizer: Literal["adamw", "muon"] = "adamw"
 
     def __post_init__(self) -> None:
         positive = {
@@ -103,6 +106,10 @@ class TrainConfig:
             raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ConfigError("train.optimizer=muon needs whole matrices: use train.parallel=ddp, not fsdp")
         if self.batch_size % self.accum_steps:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be divisible by train.accum_steps={self.accum_steps}"
@@ -169,7 +176,8 @@ class Trainer:
         # wrap before building the optimiser: FSDP replaces the parameters with sharded ones
         self.parallel = Parallel(task.model, cfg.parallel, self.dist)
         task.parallel = self.parallel if self.parallel.mode != "none" else None
-        self.optimizer = build_optimizer(task.param_groups(cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)
+        groups = task.param_groups(cfg.weight_decay)
+        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer, task.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         self.step = 0
 
