@@ -259,3 +259,25 @@ def test_muon_run_follows_the_schedule_and_resumes_exactly(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"train\.optimizer="):
         make_trainer(tmp_path / "cut", max_steps=8).fit()  # an AdamW run cannot continue Muon state
+
+
+def test_batched_muon_steps_as_torch_muon():
+    from mmstack.train.muon import BatchedMuon
+
+    torch.manual_seed(0)
+    shapes = [(32, 16), (32, 16), (16, 32), (8, 8)]
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    kw = {"lr": 0.1, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    a, b = BatchedMuon(ours, **kw), torch.optim.Muon(ref, **kw)
+    for _ in range(3):
+        for p, q in zip(ours, ref, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, p0 in zip(ours, ref, start, strict=True):
+        assert (q.detach() - p0).abs().max() > 0.1  # the steps moved the weights far beyond the tolerance
+        assert torch.allclose(p, q, atol=2e-3), float((p - q).abs().max())
+    assert a.state_dict()["state"].keys() == b.state_dict()["state"].keys()

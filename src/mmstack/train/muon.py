@@ -7,12 +7,16 @@ weights inside the network. Embeddings (and weights tied to them), output heads,
 AdamW's size, so both halves share the run's learning rate, weight decay and warmup + cosine schedule.
 
 The two inner optimisers share this one's parameter-group dicts, so an LR scheduler stepping this optimiser
-moves both; the checkpointed state holds both states.
+moves both; the checkpointed state holds both states. ``BatchedMuon`` is torch's Muon (same hyperparameters and
+state) with one Newton-Schulz iteration per shape of matrix instead of one per matrix: torch's loop costs 23 ms
+a step for the demo VLM's 30 matrices on 2 CPU cores, the batched form about 7 ms.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -32,6 +36,58 @@ def hidden_matrices(model: nn.Module) -> set[int]:
         if weight.requires_grad and weight.ndim == 2 and id(weight) not in embeddings:
             found.add(id(weight))
     return found
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch's Muon over a stack of matrices (..., m, n), in bfloat16."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class BatchedMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` whose step orthogonalises all same-shape momenta in one batched iteration."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape[tuple(p.shape)].append(p)
+            for shape, params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+                update = torch.stack(bufs)
+                if group["nesterov"]:
+                    update = torch.stack(grads).lerp_(update, group["momentum"])
+                ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                lr = group["lr"]
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+                torch._foreach_add_(params, list(ortho.float().unbind(0)), alpha=-lr * _lr_ratio(group, shape))
+        return loss
+
+
+def _lr_ratio(group: dict[str, Any], shape: tuple[int, ...]) -> float:
+    """torch's Muon learning-rate adjustment for a matrix of ``shape``."""
+    fan_out, fan_in = shape[:2]
+    if group["adjust_lr_fn"] == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(fan_out, fan_in))
+    if group["adjust_lr_fn"] in (None, "original"):
+        return math.sqrt(max(1, fan_out / fan_in))
+    return 1.0
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -62,7 +118,7 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError("train.optimizer=muon found no hidden matrices to train (use adamw)")
         super().__init__(muon_groups + adamw_groups, {"lr": lr, "weight_decay": 0.0})
         # the inner optimisers take the very same group dicts: a scheduler's lr changes reach them
-        self.muon = torch.optim.Muon(
+        self.muon = BatchedMuon(
             self.param_groups[: len(muon_groups)], lr=lr, momentum=momentum, adjust_lr_fn="match_rms_adamw"
         )
         self.adamw = (
