@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmstack.models.losses import ClipLoss
@@ -38,3 +39,13 @@ def test_compiled_training_matches_eager_and_leaves_an_eager_model(tmp_path):
         torch.testing.assert_close(compiled[name], p, rtol=1e-4, atol=1e-5, msg=name)
         moved += int(not torch.equal(p, dict(micro_model(seed=1).named_parameters())[name]))
     assert moved > 0  # the steps trained something
+
+
+def test_without_a_cpp_compiler_training_warns_and_stays_eager(monkeypatch):
+    import mmstack.train.compile as compile_module
+
+    monkeypatch.setattr(compile_module, "cpp_compiler", lambda: None)
+    model = micro_model()
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"), compiled_blocks(model, enabled=True) as n:
+        assert n == 0
+        assert all(block._compiled_call_impl is None for block in repeated_blocks(model))
