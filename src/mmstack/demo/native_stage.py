@@ -132,7 +132,14 @@ def _grid(model: Any, val: Path, path: Path, n: int, eval_cfg: Any) -> None:
 
     scenes = read_scenes(val, n)
     prompts = [s["captions"][0] for s in scenes]
-    gen = model.generate(prompts, "image", guidance=eval_cfg.guidance, top_k=eval_cfg.top_k, seed=eval_cfg.seed)
+    gen = model.generate(
+        prompts,
+        "image",
+        guidance=eval_cfg.guidance,
+        top_k=eval_cfg.top_k,
+        temperature=eval_cfg.temperature,
+        seed=eval_cfg.seed,
+    )
     labels = []
     for prompt, img in zip(prompts, gen.outputs, strict=True):
         seen = ", ".join(f"{o.colour} {o.shape} ({o.cell})" for o in parse_image(img)) or "nothing"
