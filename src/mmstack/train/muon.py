@@ -57,10 +57,7 @@ class BatchedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             by_shape: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
@@ -78,6 +75,14 @@ class BatchedMuon(torch.optim.Muon):
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
                 torch._foreach_add_(params, list(ortho.float().unbind(0)), alpha=-lr * _lr_ratio(group, shape))
         return loss
+
+
+def _closure_loss(closure: Any) -> Any:
+    """The loss a step's closure returns (re-evaluated with gradients on), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _lr_ratio(group: dict[str, Any], shape: tuple[int, ...]) -> float:
@@ -129,10 +134,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self.muon.step()
         if self.adamw is not None:
             self.adamw.step()
