@@ -14,13 +14,13 @@ a step for the demo VLM's 30 matrices on 2 CPU cores, the batched form about 7 m
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim._muon import _adjust_lr
 
 _HEAD = re.compile(r"(^|\.)(lm_head|head|heads)(\.|$)")
 
@@ -33,7 +33,7 @@ def hidden_matrices(model: nn.Module) -> set[int]:
         if not isinstance(module, nn.Linear) or _HEAD.search(name):
             continue
         weight = module.weight
-        if weight.requires_grad and weight.ndim == 2 and id(weight) not in embeddings:
+        if weight.requires_grad and id(weight) not in embeddings:
             found.add(id(weight))
     return found
 
@@ -73,7 +73,8 @@ class BatchedMuon(torch.optim.Muon):
                 ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 lr = group["lr"]
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-                torch._foreach_add_(params, list(ortho.float().unbind(0)), alpha=-lr * _lr_ratio(group, shape))
+                step_size = _adjust_lr(lr, group["adjust_lr_fn"], torch.Size(shape))  # torch's own per-shape scaling
+                torch._foreach_add_(params, list(ortho.float().unbind(0)), alpha=-step_size)
         return loss
 
 
@@ -83,16 +84,6 @@ def _closure_loss(closure: Any) -> Any:
         return None
     with torch.enable_grad():
         return closure()
-
-
-def _lr_ratio(group: dict[str, Any], shape: tuple[int, ...]) -> float:
-    """torch's Muon learning-rate adjustment for a matrix of ``shape``."""
-    fan_out, fan_in = shape[:2]
-    if group["adjust_lr_fn"] == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(fan_out, fan_in))
-    if group["adjust_lr_fn"] in (None, "original"):
-        return math.sqrt(max(1, fan_out / fan_in))
-    return 1.0
 
 
 class MuonAdamW(torch.optim.Optimizer):
