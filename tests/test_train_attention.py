@@ -56,12 +56,13 @@ def test_trainer_applies_the_choice_and_rejects_unknown_ones(tmp_path):
         TrainConfig(attention="flash")  # type: ignore[arg-type]
 
 
-def test_auto_leaves_causal_decoders_alone():
+def test_auto_switches_causal_decoders_too():
     import transformers as tf
 
     config = tf.LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
     lm = tf.LlamaForCausalLM(config)
-    assert set_attention(lm, "auto") == [] and attention_of(lm) == {"sdpa"}
-    assert set_attention(lm, "eager") == ["LlamaForCausalLM"] and attention_of(lm) == {"eager"}
+    assert attention_of(lm) == {"sdpa"}
+    assert set_attention(lm, "auto") == ["LlamaForCausalLM"] and attention_of(lm) == {"eager"}
+    assert set_attention(lm, "sdpa") == ["LlamaForCausalLM"] and attention_of(lm) == {"sdpa"}

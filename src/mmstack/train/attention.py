@@ -1,14 +1,19 @@
 """Which attention kernel the HF models in a training run use.
 
 transformers picks ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``) by default. On a CPU its
-backward pass is slow for the encoders trained here: on the demo CLIP (head dim 32, 17 image and up to 48 text
-tokens, batch 256, 2 cores, bf16) one forward + backward took 0.19 s per tower with ``sdpa`` and 0.07-0.10 s
-with ``eager`` (plain matmul + softmax); forward-only time was the same. Causal decoder LMs gain nothing
-(a 4-layer Llama, batch 32 x 200 tokens: bf16 0.28 s ``sdpa`` vs 0.22 s ``eager``, fp32 0.45 s both; a
-6-layer one at 16 x 300: fp32 1.47 s vs 1.88 s). So ``train.attention: auto`` (the default) switches the HF
-encoders of a run (every HF model whose type is not a causal LM, e.g. CLIP/SigLIP towers, a bridge's vision
-tower) to ``eager`` when they train on a CPU, and leaves decoders, and everything on a GPU, alone. ``eager``
-or ``sdpa`` sets every HF model. The switch is numerically the same attention and is not saved with
+backward pass is slow for the short sequences and small heads trained here: ``train.attention: auto`` (the
+default) switches every HF model of a run to ``eager`` (plain matmul + softmax) when it trains on a CPU, and
+leaves everything on a GPU alone. Measured on 2 CPU cores, fp32, one forward + backward (BENCHMARKS.md):
+
+- the demo CLIP towers (head dim 32, 17 image and up to 48 text tokens, batch 256): 0.19 s a tower with
+  ``sdpa``, 0.07-0.10 s with ``eager`` (session 3);
+- the native demo decoder (4 layers, 192 wide, 64 rows of ~110 tokens with padding): 1.13 s -> 0.64 s eager,
+  and 0.80 s -> 0.42 s with ``train.compile`` (session 25: ``sdpa``'s CPU backward took ~100 ms a layer,
+  13x its forward); the demo VLM's compiled stage 2 (a 4-layer, 128-wide Llama) steps 1.85x faster.
+
+(A plain ``LlamaModel`` timed alone had shown parity, which is why decoders kept ``sdpa`` until session 25.)
+Eager attention holds a (batch, heads, L, L) weight tensor, so for long sequences choose ``sdpa``;
+``eager`` or ``sdpa`` sets every HF model. The switch is numerically the same attention and is not saved with
 checkpoints.
 """
 
@@ -31,13 +36,6 @@ def resolve_attention(choice: str, model: nn.Module) -> str | None:
     return "eager" if on_cpu else None
 
 
-def is_causal_lm(module: nn.Module) -> bool:
-    """Whether an HF model is of a causal-LM type (Llama, GPT-2, Qwen2 ...), whatever its head."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return getattr(getattr(module, "config", None), "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-
 def set_attention(model: nn.Module, choice: str) -> list[str]:
     """Set the attention of every HF model inside ``model`` (``auto``: see the module docstring).
 
@@ -52,8 +50,6 @@ def set_attention(model: nn.Module, choice: str) -> list[str]:
     for module in model.modules():
         config = getattr(module, "config", None)
         if not isinstance(module, PreTrainedModel) or getattr(config, "_attn_implementation", impl) == impl:
-            continue
-        if choice == "auto" and is_causal_lm(module):
             continue
         module.set_attn_implementation(impl)
         switched.append(type(module).__name__)
