@@ -36,6 +36,7 @@ from mmstack.train.sampler import DistInfo, StepSampler
 from mmstack.train.state import load_state, rng_state, save_state, set_rng_state
 from mmstack.train.task import Task
 from mmstack.utils.atomic import atomic_write_json, atomic_write_text
+from mmstack.utils.malloc import keep_freed_memory
 from mmstack.utils.precision import effective_precision
 from mmstack.utils.progress import console, make_progress
 from mmstack.utils.seeding import seed_everything
@@ -187,6 +188,8 @@ class Trainer:
         """Train up to ``cfg.max_steps`` (or stop early after ``stop_at_step``, keeping the schedule)."""
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        if self.task.device.type == "cpu":
+            keep_freed_memory()  # glibc would hand activations back to the kernel each step (mmstack.utils.malloc)
         start = self._start()
         end = min(self.cfg.max_steps, stop_at_step or self.cfg.max_steps)
         self.task.model.train()
