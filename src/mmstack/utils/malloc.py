@@ -4,11 +4,11 @@ A training step frees and reallocates the same few hundred megabytes of activati
 change with each batch's padded length. glibc's default policy hands large freed blocks back to the kernel
 (its mmap threshold and trim threshold adapt as the process runs), so later steps fault the pages in again:
 on the native demo decoder (2 CPU cores) the step slowed from 440 to 520 ms over its first 400 steps, and
-with every large block mmapped it took 780 ms. Fixing the mmap threshold at its 32 MiB maximum, never
-trimming the heap (``M_TRIM_THRESHOLD`` -1) and growing it in 512 MiB steps keeps the step at 410-435 ms for the whole run (BENCHMARKS.md,
-session 25), at the price of a resident size that stays at its peak (4-6 GB for that decoder) until the process
-ends. The same settings as environment variables: ``MALLOC_MMAP_THRESHOLD_=33554432
-MALLOC_TRIM_THRESHOLD_=-1 MALLOC_TOP_PAD_=536870912``.
+with every large block mmapped it took 780 ms. Fixing the mmap threshold at its 32 MiB maximum, never trimming
+the heap and growing it in 512 MiB steps keeps the step at 410-435 ms for the whole run (BENCHMARKS.md, session
+25), at the price of a resident size that stays at its peak (4-6 GB for that decoder) until the process ends.
+The same settings as environment variables (as measured): ``MALLOC_MMAP_THRESHOLD_=33554432
+MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=536870912``.
 
 ``keep_freed_memory`` is called by the trainer on a CPU; ``MMSTACK_MALLOC=default`` leaves glibc's policy alone.
 It does nothing where the C library is not glibc (macOS, musl, Windows).
