@@ -127,19 +127,12 @@ def _metrics(vq_run: dict, nat_run: dict, result: dict) -> dict[str, Any]:
 
 def _grid(model: Any, val: Path, path: Path, n: int, eval_cfg: Any) -> None:
     """Prompts from held-out scenes with the images the model draws (guided) and what the parser reads."""
-    from mmstack.eval.native import read_scenes
+    from mmstack.eval.native import draw_images, read_scenes
     from mmstack.world import contact_sheet, parse_image
 
     scenes = read_scenes(val, n)
     prompts = [s["captions"][0] for s in scenes]
-    gen = model.generate(
-        prompts,
-        "image",
-        guidance=eval_cfg.guidance,
-        top_k=eval_cfg.top_k,
-        temperature=eval_cfg.temperature,
-        seed=eval_cfg.seed,
-    )
+    gen = draw_images(model, prompts, eval_cfg, eval_cfg.guidance)
     labels = []
     for prompt, img in zip(prompts, gen.outputs, strict=True):
         seen = ", ".join(f"{o.colour} {o.shape} ({o.cell})" for o in parse_image(img)) or "nothing"

@@ -202,6 +202,21 @@ def evaluate_reconstruction(vq: Any, pixels: torch.Tensor, batch_size: int = 256
     }
 
 
+def draw_images(model: Any, prompts: list[str], cfg: NativeEvalConfig, guidance: float | None, **options: Any):
+    """The images ``model`` draws for ``prompts`` with the evaluation's sampling (top-k, temperature, seed,
+    batch size) at ``guidance`` (None: no guidance); ``options`` go to ``generate`` (e.g. ``constrained``)."""
+    return model.generate(
+        prompts,
+        "image",
+        guidance=guidance,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        **options,
+    )
+
+
 def evaluate_generation(model: Any, scenes: list[dict], cfg: NativeEvalConfig) -> dict[str, Any]:
     """Object accuracy of text->image over the guidance sweep, with the real / round-trip / shuffled bounds."""
     prompts = [s["captions"][0] for s in scenes]
@@ -210,15 +225,7 @@ def evaluate_generation(model: Any, scenes: list[dict], cfg: NativeEvalConfig) -
     images_at: dict[float, list] = {}
     for g in sorted(set([*cfg.guidance_scales, cfg.guidance])):
         t0 = time.perf_counter()
-        gen = model.generate(
-            prompts,
-            "image",
-            guidance=None if g == 1.0 else g,
-            top_k=cfg.top_k,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-        )
+        gen = draw_images(model, prompts, cfg, None if g == 1.0 else g)
         images_at[g] = gen.outputs
         scores = object_scores(truths, [parsed(im) for im in gen.outputs])
         scores["seconds_per_image"] = (time.perf_counter() - t0) / max(len(prompts), 1)
@@ -254,16 +261,7 @@ def _derange(items: list, seed: int) -> list:
 def evaluate_validity(model: Any, scenes: list[dict], cfg: NativeEvalConfig) -> dict[str, Any]:
     """Share of unconstrained generations (the model writes <boi>, <eol>, <eoi> itself) that parse."""
     prompts = [s["captions"][0] for s in scenes]
-    gen = model.generate(
-        prompts,
-        "image",
-        guidance=cfg.guidance,
-        top_k=cfg.top_k,
-        temperature=cfg.temperature,
-        constrained=False,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-    )
+    gen = draw_images(model, prompts, cfg, cfg.guidance, constrained=False)
     return {"unconstrained": len(prompts), "valid_rate": sum(gen.valid) / max(len(prompts), 1)}
 
 

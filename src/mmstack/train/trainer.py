@@ -53,7 +53,8 @@ class TrainConfig:
     (and, under torch.distributed, among ranks). ``parallel``: how several processes train one model,
     ``ddp`` (replicas, gradients averaged), ``fsdp`` (parameters, gradients and optimiser state sharded) or
     ``none``; a single process ignores it. ``attention``: the HF attention kernel while training: ``auto``
-    (every HF model goes ``eager`` on a CPU, where ``sdpa``'s backward is slow; see ``mmstack.train.attention``), ``eager`` or ``sdpa``. ``group_by_length``: batches of items of similar
+    (every HF model goes ``eager`` on a CPU, where ``sdpa``'s backward is slow; see
+    ``mmstack.train.attention``), ``eager`` or ``sdpa``. ``group_by_length``: batches of items of similar
     length (the data source must have ``lengths()``; see ``mmstack.train.sampler``). ``compile``: run the
     model's repeated blocks through ``torch.compile`` while training (see ``mmstack.train.compile``).
     ``optimizer``: ``adamw``, or ``muon`` (Muon on the hidden matrices, AdamW on the rest, one learning rate;
